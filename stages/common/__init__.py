@@ -1,0 +1,1 @@
+"""Helpers shared by data stages (input reading with quarantine of bad records)."""
