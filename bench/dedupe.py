@@ -93,7 +93,8 @@ def datasketch_recipe(root: Path) -> tuple[float, set[tuple[int, int]]]:
             for line in fh:
                 words = json.loads(line)["text"].lower().split()
                 m = MinHash(num_perm=128)
-                m.update_batch({" ".join(words[j : j + NGRAM]).encode() for j in range(len(words) - NGRAM + 1)})
+                m.update_batch({" ".join(words[j : j + NGRAM]).encode()
+                                for j in range(len(words) - NGRAM + 1)})
                 for other in lsh.query(m):
                     pairs.add((other, i))
                 lsh.insert(i, m)
@@ -134,7 +135,8 @@ def jaccard(a: str, b: str) -> float:
     return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
 
 
-def quality(pred: set[tuple[int, int]], planted: list[tuple[int, int]], texts: list[str]) -> tuple[float, ...]:
+def quality(pred: set[tuple[int, int]], planted: list[tuple[int, int]],
+            texts: list[str]) -> tuple[float, ...]:
     truth = {tuple(sorted(p)) for p in planted if jaccard(texts[p[0]], texts[p[1]]) >= THRESHOLD}
     pred = {tuple(sorted(p)) for p in pred}
     extra = {p for p in pred - truth if jaccard(texts[p[0]], texts[p[1]]) >= THRESHOLD}
@@ -182,7 +184,8 @@ def main() -> None:
         stats = run_dedupe(DedupeConfig(input=str(corpus / "*.jsonl"), verify=verify), ctx_for(out))
         dt = time.perf_counter() - t0
         results[verify] = (dt, quality(seedline_pairs(out, len(texts)), planted, texts))
-        print(f"seedline dedupe (verify={verify}): {dt:.1f}s  {len(texts) / dt:,.0f} docs/s  {mb / dt:.1f} MB/s "
+        print(f"seedline dedupe (verify={verify}): {dt:.1f}s  {len(texts) / dt:,.0f} docs/s  "
+              f"{mb / dt:.1f} MB/s "
               f"({stats['exact_duplicates']} exact + {stats['near_duplicates']} near removed, "
               f"LSH {stats['lsh_bands']}x{stats['lsh_rows']})")
     if not args.skip_baseline:
