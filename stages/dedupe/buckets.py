@@ -5,7 +5,7 @@ values) and, for exact dedupe, one row in a pseudo-band ``bands`` whose key is t
 normalised text (``key``, ``key2``). Rows are shuffled by a hash of the key so that every bucket lands
 whole in one group; a group sorts its buckets by uid and emits *chain* edges between neighbours
 (k-1 edges for a bucket of k documents, never all pairs). Near-candidate edges are verified against
-the signatures (or exact shingle sets); exact edges need no check.
+the signatures and/or exact shingle sets (``sigstore.Verifier``); exact edges need no check.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.dedupe.sigstore import SigStore, similar
+from stages.dedupe.sigstore import Verifier
 
 _MUL = np.uint64(0x9E3779B97F4A7C15)
 
@@ -80,8 +80,8 @@ def chain_edges(band: np.ndarray, key: np.ndarray, key2: np.ndarray,
     return u[:-1][same], u[1:][same], b[:-1][same]
 
 
-def reduce_buckets(batch: dict[str, np.ndarray], out: str, num_perm: int, exact_band: int,
-                   threshold: float, verify: str) -> dict[str, np.ndarray]:
+def reduce_buckets(batch: dict[str, np.ndarray], out: str, exact_band: int,
+                   verifier_args: dict[str, Any]) -> dict[str, np.ndarray]:
     """One shuffle group: chain edges of all its buckets, near candidates verified.
 
     Returns columns ``src``, ``dst`` (uids, src < dst) and ``flag`` (rejected / near / exact).
@@ -91,15 +91,15 @@ def reduce_buckets(batch: dict[str, np.ndarray], out: str, num_perm: int, exact_
     ex_src, ex_dst = src[is_exact], dst[is_exact]
     pairs = np.unique(np.stack([src[~is_exact], dst[~is_exact]], axis=1), axis=0) if (~is_exact).any() \
         else np.empty((0, 2), np.int64)
-    ok = similar(SigStore(out, num_perm), pairs[:, 0], pairs[:, 1], threshold, verify)
+    ok = Verifier(out, **verifier_args).similar(pairs[:, 0], pairs[:, 1])
     flag = np.concatenate([np.full(len(ex_src), FLAG_EXACT, np.int8), np.where(ok, FLAG_NEAR, FLAG_REJECTED)
                            .astype(np.int8)])
     return {"src": np.concatenate([ex_src, pairs[:, 0]]).astype(np.int64),
             "dst": np.concatenate([ex_dst, pairs[:, 1]]).astype(np.int64), "flag": flag}
 
 
-def shuffle_edges(band_files: list[str], out: str, num_perm: int, exact_band: int, threshold: float,
-                  verify: str, num_partitions: int) -> dict[str, np.ndarray]:
+def shuffle_edges(band_files: list[str], out: str, exact_band: int, verifier_args: dict[str, Any],
+                  num_partitions: int) -> dict[str, np.ndarray]:
     """Run the bucket shuffle on Ray Data; returns all emitted edges (sorted, so deterministic)."""
     import ray.data
     from ray.data.context import ShuffleStrategy
@@ -111,14 +111,13 @@ def shuffle_edges(band_files: list[str], out: str, num_perm: int, exact_band: in
     dctx.enable_progress_bars, dctx.print_on_execution_start = False, False
     dctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     try:
-        return _collect(_bucket_dataset(band_files, out, num_perm, exact_band, threshold, verify,
-                                        num_partitions))
+        return _collect(_bucket_dataset(band_files, out, exact_band, verifier_args, num_partitions))
     finally:
         dctx.enable_progress_bars, dctx.print_on_execution_start, dctx.shuffle_strategy = saved
 
 
-def _bucket_dataset(band_files: list[str], out: str, num_perm: int, exact_band: int, threshold: float,
-                    verify: str, num_partitions: int) -> Any:
+def _bucket_dataset(band_files: list[str], out: str, exact_band: int, verifier_args: dict[str, Any],
+                    num_partitions: int) -> Any:
     import ray
     import ray.data
 
@@ -128,8 +127,7 @@ def _bucket_dataset(band_files: list[str], out: str, num_perm: int, exact_band: 
     ds = ray.data.from_arrow_refs([load.remote(p, num_partitions) for p in band_files])
     return ds.groupby("part").map_groups(
         reduce_buckets, batch_format="numpy",
-        fn_kwargs={"out": out, "num_perm": num_perm, "exact_band": exact_band, "threshold": threshold,
-                   "verify": verify},
+        fn_kwargs={"out": out, "exact_band": exact_band, "verifier_args": verifier_args},
     )
 
 

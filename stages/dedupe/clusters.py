@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stages.dedupe.layout import Layout, uid_row, uid_shard
-from stages.dedupe.sigstore import SigStore, estimated_jaccard, exact_jaccard
+from stages.dedupe.sigstore import Verifier
 from stages.dedupe.tables import read_arrow
 
 
@@ -33,43 +33,32 @@ class Removal:
     oversize_components: int
 
 
-def _anchor_split(members: np.ndarray, store: SigStore, threshold: float, verify: str) -> np.ndarray:
+def _anchor_split(members: np.ndarray, verifier: Verifier) -> np.ndarray:
     """Kept document of each member of one oversize component (members sorted by uid)."""
     kept = np.empty_like(members)
-    if verify == "exact":
-        sets = store.shingle_sets(members)
-
-        def sims(a: int, rest: np.ndarray) -> np.ndarray:
-            return exact_jaccard([sets[a]] * len(rest), [sets[i] for i in rest])
-    else:
-        sigs = store.signatures(members)
-
-        def sims(a: int, rest: np.ndarray) -> np.ndarray:
-            return estimated_jaccard(sigs[rest], sigs[a][None, :])
-
-    remaining = np.arange(len(members))
+    remaining = members
     while len(remaining):
-        a, rest = remaining[0], remaining[1:]
-        kept[a] = members[a]
-        ok = sims(a, rest) >= threshold - 1e-12
-        kept[rest[ok]] = members[a]
+        anchor, rest = remaining[0], remaining[1:]
+        ok = verifier.similar(np.full(len(rest), anchor), rest)
+        kept[np.searchsorted(members, anchor)] = anchor
+        kept[np.searchsorted(members, rest[ok])] = anchor
         remaining = rest[~ok]
     return kept
 
 
-def resolve(nodes: np.ndarray, labels: np.ndarray, exact_dups: np.ndarray, store: SigStore | None,
-            threshold: float, verify: str, max_cluster_size: int) -> Removal:
-    """Decide what each clustered document becomes. ``store`` None skips re-verification (exact-only
+def resolve(nodes: np.ndarray, labels: np.ndarray, exact_dups: np.ndarray, verifier: Verifier | None,
+            max_cluster_size: int) -> Removal:
+    """Decide what each clustered document becomes. ``verifier`` None skips re-verification (exact-only
     clusters hold identical texts)."""
     order = np.lexsort((nodes, labels))
     n, lab = nodes[order], labels[order]
     starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]]) if len(n) else np.empty(0, np.int64)
     sizes = np.diff(np.r_[starts, len(n)])
     kept = lab.copy()
-    oversize = np.flatnonzero(sizes > max_cluster_size) if store is not None else np.empty(0, np.int64)
+    oversize = np.flatnonzero(sizes > max_cluster_size) if verifier is not None else np.empty(0, np.int64)
     for g in oversize:
         s, e = starts[g], starts[g] + sizes[g]
-        kept[s:e] = _anchor_split(n[s:e], store, threshold, verify)
+        kept[s:e] = _anchor_split(n[s:e], verifier)
     removed = n != kept
     _, cluster_sizes = np.unique(kept, return_counts=True) if len(kept) else (None, np.zeros(1, np.int64))
     by_uid = np.argsort(n[removed], kind="stable")

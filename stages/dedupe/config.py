@@ -32,8 +32,13 @@ class DedupeConfig(StrictModel):
         description="weight of missed pairs in datasketch's band optimiser (candidates are verified, so "
                     "false positives only cost verification time)",
     )
-    verify: Literal["estimate", "exact"] = Field(
-        "estimate", description="check candidate pairs by signature estimate or exact shingle Jaccard"
+    verify: Literal["estimate", "exact", "hybrid"] = Field(
+        "hybrid",
+        description="check candidate pairs by signature estimate, by exact shingle Jaccard, or by the "
+                    "estimate unless it is within verify_margin of the threshold, then exactly",
+    )
+    verify_margin: float = Field(
+        0.1, ge=0.0, le=1.0, description="hybrid: estimates this close to the threshold are checked exactly"
     )
     max_cluster_size: int = Field(
         1000, ge=2, description="larger clusters are re-verified member by member against the kept document"
@@ -57,6 +62,11 @@ class DedupeConfig(StrictModel):
         if isinstance(self.input, list) and not self.input:
             raise ValueError("input must name at least one glob")
         return self
+
+    def verifier_args(self) -> dict:
+        """Keyword arguments of ``sigstore.Verifier`` (besides the stage directory)."""
+        return {"num_perm": self.num_perm, "seed": self.seed, "ngram": self.ngram,
+                "threshold": self.threshold, "mode": self.verify, "margin": self.verify_margin}
 
     def lsh_params(self) -> tuple[int, int]:
         """(bands, rows): as set, or datasketch's optimiser with false negatives weighted up."""

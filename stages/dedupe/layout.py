@@ -50,12 +50,6 @@ class Layout:
     def sigs(self, shard: int) -> str:
         return self.p("work", "sigs", f"{shard:05d}.u32")
 
-    def shingles(self, shard: int) -> str:
-        return self.p("work", "shingles", f"{shard:05d}.u32")
-
-    def shingle_index(self, shard: int) -> str:
-        return self.p("work", "shingles", f"{shard:05d}.idx")
-
     def bands(self, shard: int) -> str:
         return self.p("work", "bands", f"{shard:05d}.parquet")
 

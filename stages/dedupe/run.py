@@ -32,7 +32,7 @@ from stages.dedupe.config import DedupeConfig
 from stages.dedupe.finalize import merge_stats, sample_pairs, write_duplicates
 from stages.dedupe.layout import Layout
 from stages.dedupe.shards import filter_shard, map_shard
-from stages.dedupe.sigstore import SigStore
+from stages.dedupe.sigstore import Verifier
 from stages.dedupe.tables import write_parquet
 
 # Test hook: "map:N" or "filter:N" makes the driver exit hard (no cleanup) once N shards of that step
@@ -95,8 +95,7 @@ def _clusters(config: DedupeConfig, lay: Layout, num_partitions: int, ctx: Stage
     plan = storage.read_json(lay.plan)
     band_files = [lay.bands(i) for i in range(len(plan["inputs"]))]
     if docs_good:
-        edges = shuffle_edges(band_files, lay.out, config.num_perm, bands, config.threshold, config.verify,
-                              num_partitions)
+        edges = shuffle_edges(band_files, lay.out, bands, config.verifier_args(), num_partitions)
     else:
         edges = {"src": np.empty(0, np.int64), "dst": np.empty(0, np.int64), "flag": np.empty(0, np.int8)}
     flag = edges["flag"]
@@ -106,8 +105,8 @@ def _clusters(config: DedupeConfig, lay: Layout, num_partitions: int, ctx: Stage
     nodes, labels = connected_components(edges["src"][keep], edges["dst"][keep], config.components,
                                          config.local_max_edges, num_partitions)
     t2 = time.perf_counter()
-    store = SigStore(lay.out, config.num_perm) if config.near else None
-    rm = resolve(nodes, labels, exact_dups, store, config.threshold, config.verify, config.max_cluster_size)
+    verifier = Verifier(lay.out, **config.verifier_args()) if config.near else None
+    rm = resolve(nodes, labels, exact_dups, verifier, config.max_cluster_size)
     write_parquet(removal_table(lay.out, rm), lay.removed, 65536)
     stats = {
         "lsh_bands": bands, "lsh_rows": rows, "candidate_pairs": int(np.count_nonzero(flag != FLAG_EXACT)),

@@ -7,7 +7,6 @@ shards and produces the same bytes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from typing import Any
 
@@ -45,29 +44,18 @@ def map_shard(cfg: DedupeConfig, shard: InputFile, out: str) -> dict[str, Any]:
     lay = Layout(out)
     bands, rows = cfg.lsh_params()
     signer = Signer(cfg.num_perm, cfg.seed, cfg.ngram)
-    want_shingles = cfg.near and cfg.verify == "exact"
     rejects: list[Reject] = []
     reader = RecordReader(shard.path, cfg.text_field, cfg.id_field, shard.rel, on_reject=rejects.append)
     ids: list[str] = []
     texts: list[str] = []
     objs: list[dict[str, Any]] = []
     shuffle: list[dict[str, np.ndarray]] = []
-    sh_count = 0
-    with contextlib.ExitStack() as stack:
-        fsig = stack.enter_context(storage.open_atomic(lay.sigs(shard.index), "wb"))
-        if want_shingles:
-            fsh = stack.enter_context(storage.open_atomic(lay.shingles(shard.index), "wb"))
-            fidx = stack.enter_context(storage.open_atomic(lay.shingle_index(shard.index), "wb"))
-            fidx.write(np.zeros(1, np.int64).tobytes())
+    with storage.open_atomic(lay.sigs(shard.index), "wb") as fsig:
         for batch in _batches(reader, cfg.batch_docs):
             btexts = [r.text for r in batch]
-            signed = signer.sign(btexts, want_shingles=want_shingles)
+            signed = signer.sign(btexts)
             uids = make_uids(shard.index, len(ids), len(batch))
             fsig.write(signed.sigs.tobytes())
-            if want_shingles:
-                fsh.write(signed.shingles.tobytes())
-                fidx.write((signed.shingle_offsets[1:] + sh_count).tobytes())
-                sh_count += int(signed.shingle_offsets[-1])
             shuffle.append(band_rows(uids, signed.sigs, signed.exact, bands, rows, cfg.near, cfg.exact))
             ids.extend(r.id for r in batch)
             texts.extend(btexts)

@@ -1,12 +1,22 @@
-"""Random access to stored signatures and shingle sets, and pair verification.
+"""Random access to stored signatures and texts, and verification of candidate pairs.
 
 A shard's signatures are one raw little-endian ``uint32`` file of ``rows x num_perm`` values, so any
-document's signature is a byte range: memory-mapped locally, ranged reads on object stores. Shingle
-sets (only written for ``verify: exact``) are sorted unique ``uint32`` hashes, concatenated, with an
-``int64`` offsets file.
+document's signature is a byte range: memory-mapped locally, ranged reads on object stores. Exact
+shingle sets are recomputed from the staged texts (Arrow IPC, memory-mapped) only for the documents
+that need them, so nothing but signatures has to be stored per document.
+
+Verification modes:
+
+``estimate``  the fraction of equal signature positions (std ~ sqrt(J(1-J)/num_perm): 0.035 at
+              J=0.8 with 128 permutations, so pairs near the threshold go either way);
+``exact``     exact Jaccard of the shingle sets, for every candidate;
+``hybrid``    the estimate decides when it is farther than ``margin`` from the threshold, exact
+              Jaccard decides the rest (the few pairs the estimate cannot call).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -21,30 +31,31 @@ def _read_ranges(path: str, starts: np.ndarray, ends: np.ndarray) -> list[bytes]
 
 
 class SigStore:
-    """Reads signatures (and shingle sets) of any documents by uid."""
+    """Reads signatures and texts of any documents by uid."""
 
     def __init__(self, out: str, num_perm: int):
         self.layout = Layout(out)
         self.num_perm = num_perm
         self._maps: dict[str, np.ndarray] = {}
+        self._docs: dict[int, Any] = {}
 
-    def _local_array(self, path: str, dtype: type) -> np.ndarray | None:
+    def _local_array(self, path: str) -> np.ndarray | None:
         p = storage.local(path)
         if p is None:
             return None
         if path not in self._maps:
-            self._maps[path] = np.memmap(p, dtype=dtype, mode="r") if p.stat().st_size else np.empty(0, dtype)
+            size = p.stat().st_size
+            self._maps[path] = np.memmap(p, dtype=np.uint32, mode="r") if size else np.empty(0, np.uint32)
         return self._maps[path]
 
     def signatures(self, uids: np.ndarray) -> np.ndarray:
         """``(len(uids), num_perm)`` uint32 signatures, in the order of ``uids``."""
         out = np.empty((len(uids), self.num_perm), dtype=np.uint32)
-        shards = uid_shard(uids)
-        rows = uid_row(uids)
+        shards, rows = uid_shard(uids), uid_row(uids)
         for shard in np.unique(shards):
             sel = np.flatnonzero(shards == shard)
             path = self.layout.sigs(int(shard))
-            arr = self._local_array(path, np.uint32)
+            arr = self._local_array(path)
             if arr is not None:
                 out[sel] = arr.reshape(-1, self.num_perm)[rows[sel]]
                 continue
@@ -53,53 +64,76 @@ class SigStore:
             out[sel] = np.frombuffer(b"".join(blobs), dtype=np.uint32).reshape(-1, self.num_perm)
         return out
 
-    def shingle_sets(self, uids: np.ndarray) -> list[np.ndarray]:
-        """Sorted unique shingle hashes of each document, in the order of ``uids``."""
-        out: list[np.ndarray] = [np.empty(0, np.uint32)] * len(uids)
-        shards = uid_shard(uids)
-        rows = uid_row(uids)
+    def texts(self, uids: np.ndarray) -> list[str]:
+        """Texts of ``uids`` from the staged shard files."""
+        from stages.dedupe.tables import read_arrow
+
+        out: list[str] = [""] * len(uids)
+        shards, rows = uid_shard(uids), uid_row(uids)
         for shard in np.unique(shards):
+            s = int(shard)
+            if s not in self._docs:
+                self._docs[s] = read_arrow(self.layout.docs(s), ["text"]).column("text")
             sel = np.flatnonzero(shards == shard)
-            idx_path = self.layout.shingle_index(int(shard))
-            data_path = self.layout.shingles(int(shard))
-            idx = self._local_array(idx_path, np.int64)
-            data = self._local_array(data_path, np.uint32)
-            if idx is None or data is None:
-                starts_b = _read_ranges(idx_path, rows[sel] * 8, rows[sel] * 8 + 16)
-                bounds = np.frombuffer(b"".join(starts_b), dtype=np.int64).reshape(-1, 2)
-                blobs = _read_ranges(data_path, bounds[:, 0] * 4, bounds[:, 1] * 4)
-                for j, i in enumerate(sel):
-                    out[i] = np.frombuffer(blobs[j], dtype=np.uint32)
-                continue
-            for i, r in zip(sel, rows[sel], strict=False):
-                out[i] = np.asarray(data[idx[r] : idx[r + 1]])
+            for i, t in zip(sel, self._docs[s].take(rows[sel]).to_pylist(), strict=True):
+                out[i] = t
         return out
 
 
-def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Fraction of equal signature positions, row by row."""
-    return (a == b).mean(axis=1)
-
-
 def exact_jaccard(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
+    """Jaccard of sorted unique arrays, pair by pair."""
     out = np.empty(len(a), dtype=np.float64)
-    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
         inter = np.intersect1d(x, y, assume_unique=True).size
         union = x.size + y.size - inter
         out[i] = inter / union if union else 1.0
     return out
 
 
-def similar(store: SigStore, src: np.ndarray, dst: np.ndarray, threshold: float, verify: str) -> np.ndarray:
-    """Boolean mask of pairs whose (estimated or exact) Jaccard reaches ``threshold``."""
-    if len(src) == 0:
-        return np.zeros(0, dtype=bool)
-    uniq, inv = np.unique(np.concatenate([src, dst]), return_inverse=True)
-    isrc, idst = inv[: len(src)], inv[len(src):]
-    if verify == "exact":
-        sets = store.shingle_sets(uniq)
-        sim = exact_jaccard([sets[i] for i in isrc], [sets[i] for i in idst])
-    else:
-        sigs = store.signatures(uniq)
-        sim = estimated_jaccard(sigs[isrc], sigs[idst])
-    return sim >= threshold - 1e-12
+class Verifier:
+    """Decides whether candidate pairs reach the threshold; caches what it read (one per task)."""
+
+    def __init__(self, out: str, num_perm: int, seed: int, ngram: int, threshold: float, mode: str,
+                 margin: float):
+        self.store = SigStore(out, num_perm)
+        self.num_perm, self.seed, self.ngram = num_perm, seed, ngram
+        self.threshold, self.mode, self.margin = threshold, mode, margin
+        self._sets: dict[int, np.ndarray] = {}
+        self.exact_checks = 0
+
+    def shingle_sets(self, uids: np.ndarray) -> list[np.ndarray]:
+        """Sorted unique shingle hashes (the kernel's, as in the signatures) of each document."""
+        missing = np.array([u for u in np.unique(uids) if int(u) not in self._sets], dtype=np.int64)
+        if len(missing):
+            from stages.dedupe.minhash import Signer
+
+            signed = Signer(self.num_perm, self.seed, self.ngram).sign(self.store.texts(missing),
+                                                                       want_shingles=True)
+            off = signed.shingle_offsets
+            for j, u in enumerate(missing.tolist()):
+                self._sets[u] = signed.shingles[off[j] : off[j + 1]]
+        return [self._sets[int(u)] for u in uids]
+
+    def similarity(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        """Jaccard (estimated, exact, or estimated then exact near the threshold) of each pair."""
+        if len(src) == 0:
+            return np.zeros(0, dtype=np.float64)
+        if self.mode == "exact":
+            need = np.ones(len(src), dtype=bool)
+            sim = np.zeros(len(src), dtype=np.float64)
+        else:
+            uniq, inv = np.unique(np.concatenate([src, dst]), return_inverse=True)
+            sigs = self.store.signatures(uniq)
+            sim = (sigs[inv[: len(src)]] == sigs[inv[len(src):]]).mean(axis=1)
+            if self.mode == "estimate":
+                return sim
+            need = np.abs(sim - self.threshold) < self.margin
+        if need.any():
+            idx = np.flatnonzero(need)
+            self.exact_checks += len(idx)
+            sim[idx] = exact_jaccard(self.shingle_sets(src[idx]), self.shingle_sets(dst[idx]))
+        return sim
+
+    def similar(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        """Boolean mask of pairs that reach the threshold."""
+        return self.similarity(src, dst) >= self.threshold - 1e-12
