@@ -74,7 +74,17 @@ def load_band_rows(path: str, num_partitions: int) -> Any:
 def chain_edges(band: np.ndarray, key: np.ndarray, key2: np.ndarray,
                 uid: np.ndarray) -> tuple[np.ndarray, ...]:
     """Chain edges (src < dst) between uid-neighbours of every bucket, and each edge's band."""
-    order = np.lexsort((uid, key2, key, band))
+    # Most buckets hold one document. One unstable sort of a 64-bit bucket hash finds the others; only
+    # their rows get the (bucket, uid) sort. Equality below is checked on the real columns, so a
+    # (2^-64) hash collision cannot join two buckets.
+    bucket = fmix64(key ^ fmix64(key2 ^ band.astype(np.uint64)))
+    order = np.argsort(bucket)
+    eq = bucket[order][1:] == bucket[order][:-1]
+    shared = np.zeros(len(order), dtype=bool)
+    shared[1:] |= eq
+    shared[:-1] |= eq
+    order = order[shared]
+    order = order[np.lexsort((uid[order], bucket[order]))]
     b, k, k2, u = band[order], key[order], key2[order], uid[order]
     same = (b[1:] == b[:-1]) & (k[1:] == k[:-1]) & (k2[1:] == k2[:-1]) & (u[1:] != u[:-1])
     return u[:-1][same], u[1:][same], b[:-1][same]

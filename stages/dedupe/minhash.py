@@ -130,12 +130,11 @@ def _hash_shingle_bytes(buf):
 
 
 @numba.njit(cache=True)
-def _sign_batch(buf, offsets, ngram, a, b, sigs, collapsed, coffsets, want_shingles):
+def _sign_batch(buf, offsets, ngram, a, b, sigs, collapsed, coffsets):
     """Signatures of every document ``buf[offsets[i]:offsets[i+1]]`` into ``sigs[i]``.
 
     Also writes each document's collapsed text (words joined by one space) to ``collapsed`` at
-    ``coffsets[i]``. With ``want_shingles`` returns the sorted unique shingle hashes of all documents
-    concatenated, and their offsets (for exact Jaccard); else empty arrays.
+    ``coffsets[i]``, for the exact-duplicate hash.
     """
     ndocs = offsets.shape[0] - 1
     num_perm = a.shape[0]
@@ -144,8 +143,6 @@ def _sign_batch(buf, offsets, ngram, a, b, sigs, collapsed, coffsets, want_shing
         max_len = max(max_len, offsets[d + 1] - offsets[d])
     word_hashes = np.empty(max_len // 2 + 1, dtype=np.uint64)
     vals = np.empty(num_perm, dtype=np.uint32)
-    sh_offsets = np.zeros(ndocs + 1, dtype=np.int64)
-    sh_chunks = []
     cpos = 0
     for d in range(ndocs):
         coffsets[d] = cpos
@@ -153,25 +150,57 @@ def _sign_batch(buf, offsets, ngram, a, b, sigs, collapsed, coffsets, want_shing
         for p in range(num_perm):
             vals[p] = np.uint32(0xFFFFFFFF)
         nsh = 0 if nw == 0 else max(1, nw - ngram + 1)
-        doc_sh = np.empty(nsh if want_shingles else 0, dtype=np.uint32)
         for s in range(nsh):
-            h = _shingle_hash(word_hashes, s, min(s + ngram, nw))
-            if want_shingles:
-                doc_sh[s] = np.uint32(h)
-            x = np.uint32(_fmix32(h))
-            for p in range(num_perm):
+            x = np.uint32(_fmix32(_shingle_hash(word_hashes, s, min(s + ngram, nw))))
+            for p in range(num_perm):  # 32-bit multiply-add-min: vectorised by LLVM
                 vals[p] = min(vals[p], np.uint32(a[p] * x + b[p]))
         sigs[d, :] = vals
-        if want_shingles:
-            uniq = np.unique(doc_sh)
-            sh_chunks.append(uniq)
-            sh_offsets[d + 1] = sh_offsets[d] + uniq.shape[0]
     coffsets[ndocs] = cpos
-    total = sh_offsets[ndocs]
-    out = np.empty(total, dtype=np.uint32)
-    for d in range(len(sh_chunks)):
-        out[sh_offsets[d] : sh_offsets[d + 1]] = sh_chunks[d]
-    return out, sh_offsets
+
+
+@numba.njit(cache=True)
+def _shingle_hashes_batch(buf, offsets, ngram):
+    """Shingle hashes of every document (unsorted, with repeats), concatenated, and their offsets."""
+    ndocs = offsets.shape[0] - 1
+    max_len = 0
+    for d in range(ndocs):
+        max_len = max(max_len, offsets[d + 1] - offsets[d])
+    word_hashes = np.empty(max_len // 2 + 1, dtype=np.uint64)
+    collapsed = np.empty(max_len + 1, dtype=np.uint8)
+    out = np.empty(buf.shape[0] // 2 + ndocs, dtype=np.uint32)  # at most one shingle per word
+    out_off = np.zeros(ndocs + 1, dtype=np.int64)
+    pos = 0
+    for d in range(ndocs):
+        nw, _ = _split_words(buf, offsets[d], offsets[d + 1], word_hashes, collapsed, 0)
+        nsh = 0 if nw == 0 else max(1, nw - ngram + 1)
+        for s in range(nsh):
+            out[pos + s] = np.uint32(_shingle_hash(word_hashes, s, min(s + ngram, nw)))
+        pos += nsh
+        out_off[d + 1] = pos
+    return out[:pos], out_off
+
+
+@numba.njit(cache=True)
+def jaccard_pairs(data, offsets, ia, ib):
+    """Exact Jaccard of pairs of sorted unique sets stored as ``data[offsets[i]:offsets[i+1]]``."""
+    out = np.empty(ia.shape[0], dtype=np.float64)
+    for k in range(ia.shape[0]):
+        i, j = offsets[ia[k]], offsets[ib[k]]
+        ie, je = offsets[ia[k] + 1], offsets[ib[k] + 1]
+        size = (ie - i) + (je - j)
+        inter = 0
+        while i < ie and j < je:
+            if data[i] == data[j]:
+                inter += 1
+                i += 1
+                j += 1
+            elif data[i] < data[j]:
+                i += 1
+            else:
+                j += 1
+        union = size - inter
+        out[k] = inter / union if union > 0 else 1.0
+    return out
 
 
 def shingle_hash(shingle: bytes | str) -> int:
@@ -191,14 +220,20 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(a, dtype=np.uint32), np.ascontiguousarray(b, dtype=np.uint32)
 
 
+def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised UTF-8 of all texts in one buffer, and the (n+1) offsets of each."""
+    encoded = [normalize(t).encode("utf-8") for t in texts]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
+
+
 @dataclass
 class Signed:
     """What ``Signer.sign`` computes for a batch of documents."""
 
     sigs: np.ndarray  # (n, num_perm) uint32
     exact: np.ndarray  # (n, 2) uint64: xxh3-128 of the collapsed normalised text
-    shingles: np.ndarray | None  # concatenated sorted unique shingle hashes (uint32), or None
-    shingle_offsets: np.ndarray | None  # (n+1,) int64 offsets into ``shingles``
 
 
 class Signer:
@@ -208,20 +243,27 @@ class Signer:
         self.num_perm, self.seed, self.ngram = num_perm, seed, ngram
         self.a, self.b = permutations(num_perm, seed)
 
-    def sign(self, texts: list[str], want_shingles: bool = False) -> Signed:
-        encoded = [normalize(t).encode("utf-8") for t in texts]
-        lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        buf = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        sigs = np.empty((len(encoded), self.num_perm), dtype=np.uint32)
+    def shingle_sets(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted unique shingle hashes of each text, concatenated, and their offsets."""
+        buf, offsets = _encode(texts)
+        hashes, hoff = _shingle_hashes_batch(buf, offsets, self.ngram)
+        # One vectorised sort of (document, hash) keys instead of a sort per document.
+        doc = np.repeat(np.arange(len(texts), dtype=np.uint64), np.diff(hoff))
+        keys = np.sort((doc << np.uint64(32)) | hashes.astype(np.uint64))
+        keys = keys[np.r_[True, keys[1:] != keys[:-1]]] if len(keys) else keys
+        sets_off = np.searchsorted(keys >> np.uint64(32), np.arange(len(texts) + 1, dtype=np.uint64))
+        return (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32), sets_off.astype(np.int64)
+
+    def sign(self, texts: list[str]) -> Signed:
+        buf, offsets = _encode(texts)
+        n = len(texts)
+        sigs = np.empty((n, self.num_perm), dtype=np.uint32)
         collapsed = np.empty(max(1, buf.shape[0]), dtype=np.uint8)
-        coffsets = np.empty(len(encoded) + 1, dtype=np.int64)
-        sh, sh_off = _sign_batch(buf, offsets, self.ngram, self.a, self.b, sigs, collapsed, coffsets,
-                                 want_shingles)
+        coffsets = np.empty(n + 1, dtype=np.int64)
+        _sign_batch(buf, offsets, self.ngram, self.a, self.b, sigs, collapsed, coffsets)
         cb = collapsed.tobytes()
         digest = xxhash.xxh3_128_digest
         exact = np.frombuffer(
-            b"".join(digest(cb[coffsets[i] : coffsets[i + 1]]) for i in range(len(encoded))), dtype=np.uint64
+            b"".join(digest(cb[coffsets[i] : coffsets[i + 1]]) for i in range(n)), dtype=np.uint64
         ).reshape(-1, 2)
-        return Signed(sigs, exact.copy(), sh if want_shingles else None, sh_off if want_shingles else None)
+        return Signed(sigs, exact.copy())

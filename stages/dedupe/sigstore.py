@@ -80,16 +80,6 @@ class SigStore:
         return out
 
 
-def exact_jaccard(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
-    """Jaccard of sorted unique arrays, pair by pair."""
-    out = np.empty(len(a), dtype=np.float64)
-    for i, (x, y) in enumerate(zip(a, b, strict=True)):
-        inter = np.intersect1d(x, y, assume_unique=True).size
-        union = x.size + y.size - inter
-        out[i] = inter / union if union else 1.0
-    return out
-
-
 class Verifier:
     """Decides whether candidate pairs reach the threshold; caches what it read (one per task)."""
 
@@ -98,21 +88,15 @@ class Verifier:
         self.store = SigStore(out, num_perm)
         self.num_perm, self.seed, self.ngram = num_perm, seed, ngram
         self.threshold, self.mode, self.margin = threshold, mode, margin
-        self._sets: dict[int, np.ndarray] = {}
         self.exact_checks = 0
 
-    def shingle_sets(self, uids: np.ndarray) -> list[np.ndarray]:
-        """Sorted unique shingle hashes (the kernel's, as in the signatures) of each document."""
-        missing = np.array([u for u in np.unique(uids) if int(u) not in self._sets], dtype=np.int64)
-        if len(missing):
-            from stages.dedupe.minhash import Signer
+    def exact(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        """Exact Jaccard of the shingle sets (the kernel's hashes, as in the signatures) of each pair."""
+        from stages.dedupe.minhash import Signer, jaccard_pairs
 
-            signed = Signer(self.num_perm, self.seed, self.ngram).sign(self.store.texts(missing),
-                                                                       want_shingles=True)
-            off = signed.shingle_offsets
-            for j, u in enumerate(missing.tolist()):
-                self._sets[u] = signed.shingles[off[j] : off[j + 1]]
-        return [self._sets[int(u)] for u in uids]
+        uniq, inv = np.unique(np.concatenate([src, dst]), return_inverse=True)
+        sets, offsets = Signer(self.num_perm, self.seed, self.ngram).shingle_sets(self.store.texts(uniq))
+        return jaccard_pairs(sets, offsets, inv[: len(src)], inv[len(src):])
 
     def similarity(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
         """Jaccard (estimated, exact, or estimated then exact near the threshold) of each pair."""
@@ -131,7 +115,7 @@ class Verifier:
         if need.any():
             idx = np.flatnonzero(need)
             self.exact_checks += len(idx)
-            sim[idx] = exact_jaccard(self.shingle_sets(src[idx]), self.shingle_sets(dst[idx]))
+            sim[idx] = self.exact(src[idx], dst[idx])
         return sim
 
     def similar(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:

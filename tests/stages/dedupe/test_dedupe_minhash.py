@@ -9,7 +9,7 @@ import pytest
 from datasketch import MinHash
 
 from stages.dedupe.buckets import band_keys
-from stages.dedupe.minhash import Signer, normalize, shingle_hash, shingles
+from stages.dedupe.minhash import Signer, jaccard_pairs, normalize, shingle_hash, shingles
 
 
 def _texts() -> list[str]:
@@ -26,14 +26,15 @@ def _texts() -> list[str]:
 @pytest.mark.parametrize("num_perm,seed,ngram", [(128, 1, 5), (64, 7, 3), (256, 0, 1)])
 def test_signatures_equal_datasketch_with_the_shingle_hash(num_perm, seed, ngram):
     texts = _texts()
-    signed = Signer(num_perm, seed, ngram).sign(texts, want_shingles=True)
+    signer = Signer(num_perm, seed, ngram)
+    signed = signer.sign(texts)
+    sets, offsets = signer.shingle_sets(texts)
     for i, text in enumerate(texts):
         ref = MinHash(num_perm=num_perm, seed=seed, hashfunc=shingle_hash)
         ref.update_batch(shingles(text, ngram))
         assert np.array_equal(signed.sigs[i], ref.hashvalues), text
         expected = np.unique(np.array([shingle_hash(s) for s in shingles(text, ngram)], dtype=np.uint32))
-        sh = signed.shingles[signed.shingle_offsets[i] : signed.shingle_offsets[i + 1]]
-        assert np.array_equal(sh, expected)
+        assert np.array_equal(sets[offsets[i] : offsets[i + 1]], expected)
 
 
 def test_kernel_splits_words_exactly_like_python():
@@ -50,6 +51,17 @@ def test_exact_hash_ignores_case_width_and_spacing_only():
     s = Signer(16, 1, 5)
     a, b, c = s.sign(["Hello   World\n", "hello world", "Hello Worlds"]).exact
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_exact_jaccard_kernel_matches_python_sets():
+    texts = _texts()[:20]
+    signer = Signer(32, 1, 2)
+    sets, offsets = signer.shingle_sets(texts)
+    ia, ib = np.repeat(np.arange(20), 20), np.tile(np.arange(20), 20)
+    got = jaccard_pairs(sets, offsets, ia, ib)
+    for k, (i, j) in enumerate(zip(ia, ib, strict=True)):
+        a, b = set(shingles(texts[i], 2)), set(shingles(texts[j], 2))
+        assert got[k] == pytest.approx(len(a & b) / len(a | b))
 
 
 def test_band_keys_differ_only_where_band_values_differ():
