@@ -27,7 +27,38 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
-def ray_address():
+def s3_endpoint():
+    """A local S3 (moto) for the module; its settings are in the environment before Ray starts, so
+    Ray workers see them too."""
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+        for k, v in env.items():
+            mp.setenv(k, v)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "moto server did not start"
+                time.sleep(0.2)
+        yield endpoint
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def ray_address(s3_endpoint):
     import ray
 
     from pipeline.ray_init import init_ray
@@ -260,3 +291,23 @@ def test_pipeline_runs_dedupe_and_logs_to_mlflow(planted, ray_address, tmp_path)
     arts = [a.path for a in client.list_artifacts(runs[0].info.run_id, "dedupe")]
     assert "dedupe/duplicate_pairs_sample.json" in arts
     assert run_pipeline(cfg, only="dedupe").outcomes["dedupe"] == "skipped"
+
+
+def test_object_store_input_and_output(planted, s3_endpoint):
+    import fsspec
+
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_endpoint})
+    fs.mkdir("corpus")
+    for p in sorted(Path(planted["glob"]).parent.iterdir()):
+        fs.put_file(str(p), f"corpus/in/{p.name}")
+    cfg = planted["cfg"].model_copy(update={"input": "s3://corpus/in/*"})
+    stats = run(cfg, _ctx_url("s3://corpus/out"))
+    assert stats == planted["stats"]
+    for name in ("duplicates.parquet", "stats.json", "data/part-00000.parquet", "data/part-00002.parquet"):
+        assert fs.cat_file(f"corpus/out/{name}") == (planted["out"] / name).read_bytes(), name
+
+
+def _ctx_url(out: str) -> StageContext:
+    return StageContext(name="dedupe", out_dir=out, run_dir=out.rsplit("/", 1)[0], fingerprint="test",
+                        upstream={}, tracker=NullTracker(), progress=Progress(None),
+                        logger=logging.getLogger("test"))
