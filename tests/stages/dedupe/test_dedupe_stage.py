@@ -159,6 +159,19 @@ def test_output_is_identical_across_partitions_batches_and_component_algorithms(
     assert _outputs(tmp_path / "out") == _outputs(planted["out"])
 
 
+@pytest.mark.parametrize("mode", ["exact_only", "near_only"])
+def test_exact_only_and_near_only_modes(planted, tmp_path, mode):
+    cfg = planted["cfg"].model_copy(update={"near": mode != "exact_only", "exact": mode == "exact_only"})
+    stats = run(cfg, _ctx(tmp_path / "out"))
+    dups = pq.read_table(tmp_path / "out" / "duplicates.parquet").to_pylist()
+    exact_copies = {k for k in planted["texts"] if k.startswith("e")}
+    if mode == "exact_only":
+        assert {d["id"] for d in dups} == exact_copies and {d["kind"] for d in dups} == {"exact"}
+    else:  # exact copies are still found, as near duplicates (Jaccard 1)
+        assert exact_copies < {d["id"] for d in dups} and {d["kind"] for d in dups} == {"near"}
+        assert stats["docs_out"] == planted["stats"]["docs_out"]
+
+
 def test_ray_components_equal_in_process_components(ray_address):
     rng = np.random.default_rng(5)
     src, dst = rng.integers(0, 5000, 4000), rng.integers(0, 5000, 4000)
@@ -196,6 +209,8 @@ def test_malformed_records_are_quarantined_and_good_ones_kept(ray_address, tmp_p
     blob = gzip.compress("".join(json.dumps({"text": f"zipped {i} " + "alpha beta gamma " * 20}) + "\n"
                                  for i in range(400)).encode())
     (src / "b.jsonl.gz").write_bytes(blob[: len(blob) // 2])
+    (src / "c.jsonl").write_text("")  # an empty file
+    (src / "d.jsonl").write_text("{}\n")  # nothing good in it
     stats = run(DedupeConfig(input=str(src / "*")), _ctx(tmp_path / "out"))
     kept = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "out" / "data").glob("*.parquet"))])
     ids = set(kept["id"].to_pylist())
