@@ -219,7 +219,7 @@ class RecordReader:
         try:
             for raw in _lines(chunks):
                 line_no += 1
-                if not raw.strip():
+                if not raw or raw.isspace():  # blank line: not a record
                     continue
                 self.lines += 1
                 rec = self._parse(raw, line_no)

@@ -7,7 +7,7 @@ multiply-add-min over a contiguous array, which LLVM vectorises; that is where t
 per-document ``MinHash.update_batch`` (a Python hash call per shingle, then numpy temporaries) comes
 from.
 
-Parity contract: for a document ``text``, ``Signer(num_perm, seed, ngram).sign([text])[0]`` equals
+Parity contract: for a document ``text``, ``Signer(num_perm, seed, ngram).sign([text]).sigs[0]`` equals
 ``datasketch.MinHash(num_perm, seed, hashfunc=shingle_hash)`` updated with ``shingles(text, ngram)``.
 """
 
@@ -255,13 +255,14 @@ class Signer:
         return (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32), sets_off.astype(np.int64)
 
     def sign(self, texts: list[str]) -> Signed:
+        """MinHash signatures and 128-bit exact-duplicate hashes of ``texts``."""
         buf, offsets = _encode(texts)
         n = len(texts)
         sigs = np.empty((n, self.num_perm), dtype=np.uint32)
         collapsed = np.empty(max(1, buf.shape[0]), dtype=np.uint8)
         coffsets = np.empty(n + 1, dtype=np.int64)
         _sign_batch(buf, offsets, self.ngram, self.a, self.b, sigs, collapsed, coffsets)
-        cb = collapsed.tobytes()
+        cb = memoryview(collapsed)
         digest = xxhash.xxh3_128_digest
         exact = np.frombuffer(
             b"".join(digest(cb[coffsets[i] : coffsets[i + 1]]) for i in range(n)), dtype=np.uint64
