@@ -32,7 +32,35 @@ CONFIG = {"tokenizer": {"train": {"vocab_size": 400, "sample_docs": 150}}, "seq_
 
 
 @pytest.fixture(scope="module")
-def ray_address():
+def s3_endpoint():
+    """A local S3 (moto) for the module, in the environment before Ray starts so workers see it too."""
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                     "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            mp.setenv(k, v)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "moto server did not start"
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def ray_address(s3_endpoint):
     import ray
 
     from pipeline.ray_init import init_ray
@@ -42,9 +70,10 @@ def ray_address():
     ray.shutdown()
 
 
-def _ctx(out: Path, address: str, dedupe_dir: Path | None = None) -> StageContext:
+def _ctx(out: Path | str, address: str, dedupe_dir: Path | str | None = None) -> StageContext:
     upstream = {"dedupe": Upstream("dedupe", str(dedupe_dir), "fp", {})} if dedupe_dir else {}
-    return StageContext(name="tokenize", out_dir=str(out), run_dir=str(out.parent), fingerprint="test",
+    return StageContext(name="tokenize", out_dir=str(out), run_dir=str(out).rsplit("/", 1)[0],
+                        fingerprint="test",
                         upstream=upstream, tracker=NullTracker(), progress=Progress(None),
                         logger=logging.getLogger("test"), ray_address=address)
 
@@ -252,6 +281,20 @@ def test_raw_input_with_bad_records_and_a_given_tokenizer(packed, ray_address, t
     # The given tokenizer is used as is: same tokenizer.json bytes as the run that trained it.
     assert (out / "tokenizer" / "tokenizer.json").read_bytes() == \
         (packed["out"] / "tokenizer" / "tokenizer.json").read_bytes()
+
+
+def test_object_store_input_and_output_give_identical_bytes(packed, ray_address, s3_endpoint):
+    import fsspec
+
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_endpoint})
+    fs.mkdir("tok")
+    for p in sorted((packed["dedupe"] / "data").iterdir()):
+        fs.put_file(str(p), f"tok/dedupe/data/{p.name}")
+    stats = run(packed["cfg"], _ctx("s3://tok/out", ray_address, "s3://tok/dedupe"))
+    assert stats == packed["stats"]
+    for name, data in _outputs(packed["out"]).items():
+        assert fs.cat_file(f"tok/out/{name}") == data, name
+    assert not fs.glob("tok/out/work/enc/*.arrow")
 
 
 def test_config_requires_input_without_dedupe_and_refuses_it_with_dedupe():
