@@ -222,8 +222,17 @@ def _submit(address: str, token: auth.Token | None, cfg: PipelineConfig, data: d
     return Submission(job_id, address, run_dir, entrypoint, names, warnings)
 
 
+def _forget_listings(run_dir: str) -> None:
+    """Drop fsspec's cached listings under ``run_dir``: jobs on the cluster write there, and a stale
+    listing makes s3fs report new files missing and overwritten ones expired."""
+    if storage.is_url(run_dir):
+        fs, inner = storage.fs_for(run_dir)
+        fs.invalidate_cache(inner)
+
+
 def recorded_jobs(run_dir: str) -> list[dict[str, Any]]:
     """The jobs submitted for this run, oldest first."""
+    _forget_listings(run_dir)
     return storage.read_json_or(storage.join(run_dir, JOBS_FILE), [])
 
 
