@@ -202,6 +202,7 @@ def _submit(address: str, token: auth.Token | None, cfg: PipelineConfig, data: d
         "seedline.overrides": ",".join(override_keys), "seedline.git_sha": sha or "unknown",
         "seedline.submitted_by": f"{getpass.getuser()}@{socket.gethostname()}",
     }
+    client = connect(address, token)  # reachable, and the token accepted, before anything is written
     config_copy = storage.join(run_dir, "jobs", f"{job_id}.yaml")
     try:  # also proves, before submitting, that this machine can write to the run's storage
         storage.write_text(config_copy, config_text)
@@ -210,7 +211,6 @@ def _submit(address: str, token: auth.Token | None, cfg: PipelineConfig, data: d
     skip = []
     if root is not None and local_workdir is not None and local_workdir.resolve().is_relative_to(root):
         skip.append(local_workdir.resolve().relative_to(root))
-    client = connect(address, token)
     with tempfile.TemporaryDirectory(prefix="seedline-job-") as tmp:
         wd = package.build_working_dir(Path(tmp) / "wd", root, {config_rel: config_text}, skip)
         with translate_errors(address):
