@@ -77,7 +77,7 @@ def lookup_ids(out: str, uids: np.ndarray) -> np.ndarray:
     shards, rows = uid_shard(uids), uid_row(uids)
     for shard in np.unique(shards):
         sel = np.flatnonzero(shards == shard)
-        ids = read_arrow(lay.docs(int(shard)), ["id"]).column("id")
+        ids = read_arrow(lay.ids(int(shard))).column("id")
         res[sel] = ids.take(pa.array(rows[sel])).to_pylist()
     return res
 

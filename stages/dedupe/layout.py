@@ -47,6 +47,9 @@ class Layout:
     def docs(self, shard: int) -> str:
         return self.p("work", "docs", f"{shard:05d}.arrow")
 
+    def ids(self, shard: int) -> str:
+        return self.p("work", "ids", f"{shard:05d}.arrow")
+
     def sigs(self, shard: int) -> str:
         return self.p("work", "sigs", f"{shard:05d}.u32")
 

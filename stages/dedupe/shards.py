@@ -63,6 +63,7 @@ def map_shard(cfg: DedupeConfig, shard: InputFile, out: str) -> dict[str, Any]:
     n = len(ids)
     docs = docs_table(make_uids(shard.index, 0, n), ids, texts, objs, cfg.text_field, cfg.id_field)
     write_arrow(docs, lay.docs(shard.index))
+    write_arrow(docs.select(["id"]), lay.ids(shard.index))  # small: id lookups need not read texts
     cols = {k: np.concatenate([s[k] for s in shuffle]) if shuffle else np.empty(0, t)
             for k, t in (("band", np.int16), ("key", np.uint64), ("key2", np.uint64), ("uid", np.int64))}
     write_parquet(pa.table(cols), lay.bands(shard.index), 1 << 20)
