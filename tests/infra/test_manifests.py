@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from importlib.metadata import version
 from pathlib import Path
 
 import ray
@@ -95,13 +96,12 @@ def test_rayjob_runs_seedline_on_a_secured_cluster_and_cleans_up():
 
 
 def test_dockerfile_pins_the_tested_versions_and_builds_deepspeed_ops():
-    import deepspeed
-
     text = (INFRA / "Dockerfile").read_text()
     args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, flags=re.M))
     assert args["CUDA_IMAGE"].startswith("nvidia/cuda:") and "devel" in args["CUDA_IMAGE"]
     assert args["RAY_VERSION"] == ray.__version__
-    assert args["DEEPSPEED_VERSION"] == deepspeed.__version__
+    assert args["DEEPSPEED_VERSION"] == version("deepspeed")
+    assert args["MLFLOW_VERSION"] == version("mlflow")
     for op in ("DS_BUILD_FUSED_ADAM=1", "DS_BUILD_CPU_ADAM=1", "DS_BUILD_UTILS=1"):
         assert op in text
     assert "ds_report" in text, "the build must fail when an op did not compile"
@@ -156,6 +156,8 @@ def test_mlflow_compose_has_postgres_s3_store_and_basic_auth():
     ports = [p for s in services.values() for p in s.get("ports", [])]
     assert ports and all(p.startswith("${MLFLOW_BIND:-127.0.0.1}:") for p in ports), "loopback by default"
     assert set(mlflow["depends_on"]) == {"postgres", "create-bucket"}
+    server_image = (INFRA / "mlflow" / "Dockerfile").read_text()
+    assert f"ARG MLFLOW_VERSION={version('mlflow')}" in server_image and "mlflow[auth]" in server_image
     entry = (INFRA / "mlflow" / "entrypoint.sh").read_text()
     assert "--app-name basic-auth" in entry and "--serve-artifacts" in entry
     assert ".env" in (INFRA / "mlflow" / ".gitignore").read_text().split()
