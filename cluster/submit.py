@@ -113,6 +113,8 @@ def _effective(data: dict[str, Any]) -> tuple[dict[str, Any], PipelineConfig]:
     """Validate, then pin what must not differ on the cluster: the absolute workdir, and no Ray address
     (the job's stages attach to the cluster the job runs in)."""
     cfg = validate_config(copy.deepcopy(data))
+    if cfg.tracking.enabled:
+        cfg.tracking_uri()  # a URL workdir needs a tracking server: say so now, not inside the job
     out = copy.deepcopy(data)
     out["workdir"] = cfg.workdir
     ray_section = dict(out.get("ray") or {})

@@ -36,6 +36,8 @@ def test_config_errors_are_reported_before_the_cluster_is_contacted(tmp_path, mo
         submit(cfg, address)
     with pytest.raises(ConfigError, match="unknown key"):
         submit(cfg, address, ["stages.dedupe.nope=1", "stages.dedupe.threshold=0.8"])
+    with pytest.raises(ConfigError, match="tracking.uri: required when workdir is a URL"):
+        submit(cfg, address, ["stages.dedupe.threshold=0.8"], workdir="s3://bucket/runs")
     with pytest.raises(ConfigError, match="config file not found"):
         submit(tmp_path / "missing.yaml", address)
     assert not (tmp_path / "runs").exists()
