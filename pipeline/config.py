@@ -1,0 +1,148 @@
+"""The pipeline config: one YAML file, validated into pydantic models.
+
+The core knows only the top level; each stage's section is validated by the config model that stage
+registered. Every error names the key path (``stages.tokenize.seq_len: must be > 0, got -1``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError
+
+from pipeline import stage as stage_registry
+from pipeline import storage
+from pipeline.errors import ConfigError
+from pipeline.stage import StrictModel
+
+
+class TrackingConfig(StrictModel):
+    enabled: bool = True
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<workdir>/mlflow.db")
+    experiment: str | None = Field(None, description="MLflow experiment; default: the pipeline name")
+
+
+class RayConfig(StrictModel):
+    address: str | None = Field(None, description="Ray cluster address; null starts a local Ray on 127.0.0.1")
+    num_cpus: int | None = Field(None, gt=0)
+
+
+class PipelineConfig(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    workdir: str = "runs"
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+    stages: dict[str, Any] = Field(default_factory=dict)
+    _stage_models: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
+
+    def stage_configs(self) -> dict[str, BaseModel]:
+        """Validated stage configs, in file order (filled by ``validate_config``)."""
+        return self._stage_models
+
+    def run_dir(self) -> str:
+        return storage.join(self.workdir, self.name)
+
+    def tracking_uri(self) -> str:
+        if self.tracking.uri:
+            return self.tracking.uri
+        local = storage.local(self.workdir)
+        if local is None:
+            raise ConfigError("tracking.uri", "required when workdir is a URL (e.g. an MLflow server)")
+        return f"sqlite:///{local / 'mlflow.db'}"
+
+
+
+def _describe(err: dict[str, Any]) -> str:
+    kind, msg, value = err["type"], err["msg"], err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key; remove it or check its spelling"
+    if kind == "missing":
+        return "required key is missing"
+    text = msg[0].lower() + msg[1:] if msg else kind
+    text = text.replace("input should be", "must be").replace("greater than", ">").replace("less than", "<")
+    text = text.replace("value error, ", "")
+    if value is not None and not isinstance(value, dict | list):
+        text += f", got {value!r}"
+    return text
+
+
+def _raise_validation(prefix: str, e: ValidationError) -> None:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+    raise ConfigError(loc, _describe(err)) from None
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a raw config mapping."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(override, "override must look like key.path=value (e.g. stages.tokenize.seq_len=512)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(key, f"override value is not valid YAML: {e}") from None
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(key, f"cannot set a key inside {where}, which is a {type(nxt).__name__}")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def validate_config(data: Any) -> PipelineConfig:
+    """Raw mapping -> PipelineConfig with every present stage validated by its own model."""
+    if not isinstance(data, dict):
+        raise ConfigError("", "the config file must be a YAML mapping (name, workdir, stages, ...)")
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        _raise_validation("", e)
+    models: dict[str, BaseModel] = {}
+    for name, section in cfg.stages.items():
+        spec = stage_registry.get(name)
+        try:
+            models[name] = spec.config_model.model_validate(section or {})
+        except ValidationError as e:
+            _raise_validation(f"stages.{name}", e)
+    present = set(models)
+    for name, model in models.items():
+        spec = stage_registry.get(name)
+        for dep in spec.consumes:
+            if dep not in present:
+                raise ConfigError(f"stages.{name}", f"consumes stage '{dep}', which is not in the pipeline; add stages.{dep}")
+        if spec.check:
+            spec.check(model, present)
+    cfg._stage_models = models
+    cfg.workdir = storage.resolve(cfg.workdir)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a YAML file, apply ``-s`` overrides, validate."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError("", f"config file not found: {p}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"{p} is not valid YAML: {e}") from None
+    data = data if data is not None else {}
+    if isinstance(data, dict):
+        for o in overrides:
+            apply_override(data, o)
+    return validate_config(data)
+
+
+def resolved(cfg: PipelineConfig) -> dict[str, Any]:
+    """The full config with defaults filled in, as stored in ``run.json``."""
+    out = cfg.model_dump(mode="json", exclude={"stages"})
+    out["workdir"] = storage.resolve(cfg.workdir)
+    out["stages"] = {n: m.model_dump(mode="json") for n, m in cfg.stage_configs().items()}
+    return out

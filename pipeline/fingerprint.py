@@ -1,0 +1,43 @@
+"""Content addresses for stage outputs: ``<stage>-<first 10 hex of sha256(version, config, upstream)>``.
+
+Fields marked ``volatile`` (logging intervals, display) are left out, so changing them re-runs nothing.
+The stage's code is not hashed: a behaviour change is signalled by bumping the stage's version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel
+
+
+def result_fields(model: BaseModel) -> dict[str, Any]:
+    """The model as JSON data without volatile fields (recursively)."""
+    out: dict[str, Any] = {}
+    for name, info in type(model).model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get("volatile"):
+            continue
+        out[name] = _plain(getattr(model, name))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return result_fields(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    return json.loads(json.dumps(value, default=str))
+
+
+def stage_fingerprint(version: str, model: BaseModel, upstream: dict[str, str]) -> str:
+    """First 10 hex digits of sha256 over the stage version, its result fields and upstream fingerprints."""
+    payload = {"version": version, "config": result_fields(model), "upstream": dict(sorted(upstream.items()))}
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:10]

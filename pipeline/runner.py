@@ -1,0 +1,236 @@
+"""Run a pipeline: skip finished stages, resume interrupted ones, re-run what changed.
+
+Each stage runs in the driver process (its ``run`` function may fan work out to Ray). The driver owns
+the stage's ``status.json`` and lease; the stage owns the rest of its directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import storage
+from pipeline.config import PipelineConfig, resolved
+from pipeline.errors import ConfigError, StageFailed
+from pipeline.graph import Node, downstream, order
+from pipeline.stage import Progress, StageContext, Upstream
+from pipeline.state import Lease, RunState, lease_alive, read_lease, read_progress, read_status, write_status
+from pipeline.tracking import NullTracker, PipelineTracking
+
+log = logging.getLogger("seedline")
+
+
+@dataclass
+class RunResult:
+    """What happened to each stage: ``skipped``, ``ran`` or ``waited`` (another driver ran it)."""
+
+    run_dir: str
+    outcomes: dict[str, str] = field(default_factory=dict)
+    stage_dirs: dict[str, str] = field(default_factory=dict)
+
+
+def git_sha() -> str | None:
+    """The commit of the Seedline checkout, when it is one."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True, text=True, timeout=5, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def _selected(nodes: list[Node], only: str | None, from_stage: str | None) -> tuple[set[str], set[str]]:
+    """(stages to consider, stages to force re-running)."""
+    names = [n.name for n in nodes]
+    for flag, value in (("--only", only), ("--from", from_stage)):
+        if value and value not in names:
+            raise ConfigError(flag, f"stage '{value}' is not in this pipeline (stages: {', '.join(names)})")
+    if only:
+        return {only}, set()
+    if from_stage:
+        forced = downstream(nodes, from_stage)
+        return set(names), forced
+    return set(names), set()
+
+
+class Runner:
+    """Drives one pipeline run; see ``run_pipeline``."""
+
+    def __init__(self, cfg: PipelineConfig, show: Callable[[str], None] | None = None,
+                 progress_factory: Callable[[str], Callable[[dict[str, Any]], None]] | None = None):
+        self.cfg = cfg
+        self.state = RunState(cfg.run_dir())
+        self.show = show or (lambda msg: log.info(msg))
+        self.progress_factory = progress_factory
+        self.tracking: PipelineTracking | None = None
+        self.by_name: dict[str, Node] = {}
+        self.parent_run_id: str | None = None
+
+    def run(self, only: str | None = None, from_stage: str | None = None) -> RunResult:
+        nodes = order(self.cfg)
+        consider, forced = _selected(nodes, only, from_stage)
+        result = RunResult(self.state.run_dir)
+        self.by_name = {n.name: n for n in nodes}
+        todo = [n for n in nodes if n.name in consider]
+        pending = [n for n in todo if n.name in forced or self._state(n) != "succeeded"]
+        for n in todo:
+            result.stage_dirs[n.name] = self.state.stage_dir(n.dirname)
+        if not pending:  # a finished pipeline: no tracking store, no Ray
+            for n in todo:
+                result.outcomes[n.name] = "skipped"
+                self.show(f"{n.name}: done ({n.dirname}), skipped")
+            return result
+        self._open_run(nodes)
+        status = "FAILED"
+        try:
+            for node in todo:
+                result.outcomes[node.name] = self._run_node(node, node.name in forced)
+            status = "FINISHED"
+        finally:
+            if self.tracking and self.parent_run_id:
+                self.tracking.finish(self.parent_run_id, status)
+        return result
+
+    def _state(self, node: Node) -> str:
+        return read_status(self.state.stage_dir(node.dirname))["state"]
+
+    def _open_run(self, nodes: list[Node]) -> None:
+        storage.makedirs(self.state.run_dir)
+        data = self.state.load()
+        if self.cfg.tracking.enabled:
+            self.tracking = PipelineTracking(self.cfg.tracking_uri(), self.cfg.tracking.experiment or self.cfg.name)
+            tags = {"seedline.run_dir": self.state.run_dir, "seedline.git_sha": git_sha() or "unknown"}
+            self.parent_run_id = self.tracking.parent(data.get("mlflow_parent_run_id"), self.cfg.name, tags)
+        data.update(
+            config=resolved(self.cfg),
+            created=data.get("created") or time.time(),
+            updated=time.time(),
+            git_sha=git_sha(),
+            mlflow_parent_run_id=self.parent_run_id,
+            tracking_uri=self.cfg.tracking_uri() if self.cfg.tracking.enabled else None,
+            stages={n.name: n.dirname for n in nodes},
+        )
+        self.state.save(data)
+
+    def _run_node(self, node: Node, force: bool) -> str:
+        sdir = self.state.stage_dir(node.dirname)
+        for dep in node.inputs:
+            dep_dir = self.state.stage_dir(self.by_name[dep].dirname)
+            if read_status(dep_dir)["state"] != "succeeded":
+                raise StageFailed(f"{node.name}: upstream stage '{dep}' has not succeeded; run it first")
+        if not force and read_status(sdir)["state"] == "succeeded":
+            self.show(f"{node.name}: done ({node.dirname}), skipped")
+            return "skipped"
+        lease = Lease(sdir)
+        if not lease.try_acquire():
+            return self._wait_for_other(node, sdir, lease)
+        try:
+            if force:
+                self._clear(sdir)
+            return self._execute(node, sdir, lease)
+        finally:
+            lease.release()
+
+    def _wait_for_other(self, node: Node, sdir: str, lease: Lease) -> str:
+        """Another live driver runs this stage: wait for it; take over if it dies."""
+        self.show(f"{node.name}: running in another driver ({read_lease(sdir)['owner']}), waiting")
+        while True:
+            time.sleep(0.5)
+            state = read_status(sdir)["state"]
+            if state == "succeeded":
+                return "waited"
+            if state == "failed" or not lease_alive(read_lease(sdir)):
+                if lease.try_acquire():
+                    try:
+                        return self._execute(node, sdir, lease, resume_only=True)
+                    finally:
+                        lease.release()
+
+    def _clear(self, sdir: str) -> None:
+        for name in storage.listdir(sdir):
+            if name not in ("lease.json", "lease.lock", "status.json"):
+                storage.remove(storage.join(sdir, name), recursive=True)
+
+    def _execute(self, node: Node, sdir: str, lease: Lease, resume_only: bool = False) -> str:
+        if resume_only and read_status(sdir)["state"] == "succeeded":
+            return "waited"
+        prev = read_status(sdir)
+        resumed = prev["state"] in ("running", "failed")
+        storage.write_json(storage.join(sdir, "config.json"), node.config.model_dump(mode="json"))
+        tracker = self._tracker(node, prev.get("mlflow_run_id"))
+        status = {
+            "state": "running", "stage": node.name, "fingerprint": node.fingerprint,
+            "started": prev.get("started") or time.time(), "finished": None,
+            "attempts": int(prev.get("attempts", 0)) + 1, "mlflow_run_id": tracker.run_id,
+            "progress": prev.get("progress", {}), "error": None,
+        }
+        write_status(sdir, status)
+        self.show(f"{node.name}: {'resuming' if resumed else 'running'} in {node.dirname}")
+        progress = Progress(storage.join(sdir, "progress.json"))
+        if self.progress_factory:
+            progress.listeners.append(self.progress_factory(node.name))
+        lease.on_beat = lambda: self._fold_progress(sdir, status, progress)
+        ctx = self._context(node, sdir, tracker, progress)
+        try:
+            node.spec.load_run()(node.config, ctx)
+        except BaseException as e:
+            lease.on_beat = None
+            reason = "lease lost to another driver" if lease.lost else f"{type(e).__name__}: {e}"
+            status.update(state="failed", error=reason, finished=time.time())
+            storage.write_text(storage.join(sdir, "error.txt"), traceback.format_exc())
+            write_status(sdir, status)
+            tracker.close("FAILED")
+            if isinstance(e, Exception):
+                raise StageFailed(f"stage '{node.name}' failed: {reason} (details: {sdir}/error.txt)") from e
+            raise
+        lease.on_beat = None
+        status.update(state="succeeded", finished=time.time(), progress=read_progress(sdir) or status["progress"])
+        tracker.close("FINISHED")
+        write_status(sdir, status)  # the success marker comes last
+        self.show(f"{node.name}: succeeded in {status['finished'] - status['started']:.1f}s")
+        return "ran"
+
+    def _fold_progress(self, sdir: str, status: dict[str, Any], progress: Progress) -> None:
+        latest = read_progress(sdir)
+        if latest and latest != status.get("progress"):
+            status["progress"] = latest
+            write_status(sdir, status)
+            for cb in progress.listeners:
+                cb(latest)
+
+    def _tracker(self, node: Node, run_id: str | None):
+        if not self.tracking or not self.parent_run_id:
+            return NullTracker()
+        tags = {"seedline.stage": node.name, "seedline.fingerprint": node.fingerprint,
+                "seedline.run_dir": self.state.run_dir, "seedline.git_sha": git_sha() or "unknown"}
+        tracker = self.tracking.child(self.parent_run_id, run_id, node.name, tags)
+        tracker.log_params(node.config.model_dump(mode="json"))
+        return tracker
+
+    def _context(self, node: Node, sdir: str, tracker: Any, progress: Progress) -> StageContext:
+        upstream = {}
+        for dep in node.inputs:
+            dep_dir = self.state.stage_dir(self.by_name[dep].dirname)
+            upstream[dep] = Upstream(dep, dep_dir, read_status(dep_dir)["fingerprint"],
+                                     storage.read_json(storage.join(dep_dir, "config.json")))
+        logger = logging.getLogger(f"seedline.{node.name}")
+        return StageContext(
+            name=node.name, out_dir=sdir, run_dir=self.state.run_dir, fingerprint=node.fingerprint,
+            upstream=upstream, tracker=tracker, progress=progress, logger=logger,
+            ray_address=self.cfg.ray.address, ray_num_cpus=self.cfg.ray.num_cpus,
+        )
+
+
+def run_pipeline(cfg: PipelineConfig, only: str | None = None, from_stage: str | None = None,
+                 show: Callable[[str], None] | None = None,
+                 progress_factory: Callable[[str], Callable[[dict[str, Any]], None]] | None = None) -> RunResult:
+    """Run (or resume) the pipeline ``cfg``. Raises ``StageFailed`` when a stage fails."""
+    return Runner(cfg, show, progress_factory).run(only=only, from_stage=from_stage)
