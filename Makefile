@@ -1,0 +1,19 @@
+PY := .venv/bin/python
+export DS_ACCELERATOR := cpu
+
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]" --no-deps
+	$(PY) -m pip install -q pydantic pyyaml typer rich fsspec numpy pyarrow mlflow psutil matplotlib "ray[default,train,data]" datasketch xxhash zstandard tokenizers transformers safetensors numba "moto[server]" s3fs pytest pytest-timeout ruff
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation deepspeed
+	touch .venv/.installed
+
+.PHONY: demo test
+demo: .venv/.installed
+	.venv/bin/seedline example-data demo-data
+	.venv/bin/seedline run configs/tiny.yaml
+
+test: .venv/.installed
+	.venv/bin/python -m pytest -q

@@ -1,0 +1,168 @@
+"""The ``seedline`` command line: run, resume, status, plan, ui (plus the cluster commands)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline import storage
+from pipeline.errors import ConfigError, SeedlineError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+Overrides = Annotated[list[str], typer.Option("--set", "-s", help="override a key: stages.x.y=value")]
+
+
+def _fail(e: Exception) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(2 if isinstance(e, ConfigError) else 1)
+
+
+def _run(cfg, only: str | None, from_stage: str | None) -> None:
+    from pipeline.runner import run_pipeline
+
+    try:
+        res = run_pipeline(cfg, only=only, from_stage=from_stage, show=lambda m: typer.echo(m, err=True))
+    except SeedlineError as e:
+        _fail(e)
+    typer.echo(res.run_dir)
+
+
+@app.command()
+def run(config: Path, overrides: Overrides = None, only: str | None = typer.Option(None, "--only"),
+        from_stage: str | None = typer.Option(None, "--from")) -> None:
+    """Run (or continue) the pipeline described by CONFIG."""
+    from pipeline.config import load_config
+
+    try:
+        cfg = load_config(config, overrides or [])
+    except SeedlineError as e:
+        _fail(e)
+    _run(cfg, only, from_stage)
+
+
+@app.command()
+def resume(run_dir: str, address: str | None = typer.Option(None, "--address"),
+           insecure: bool = typer.Option(False, "--insecure")) -> None:
+    """Resume a run from its saved run.json (locally, or on a cluster with --address)."""
+    from pipeline.config import validate_config
+
+    try:
+        if address:
+            from cluster.submit import resubmit
+
+            typer.echo(resubmit(run_dir, address, insecure=insecure))
+            return
+        data = storage.read_json_or(storage.join(run_dir, "run.json"), None)
+        if data is None:
+            raise ConfigError("RUN_DIR", f"no run.json in {run_dir}")
+        _run(validate_config(data["config"]), None, None)
+    except SeedlineError as e:
+        _fail(e)
+
+
+def _rows(run_dir: str) -> list[dict]:
+    from pipeline.state import lease_alive, read_lease, read_progress, read_status
+
+    data = storage.read_json_or(storage.join(run_dir, "run.json"), None)
+    if data is None:
+        raise ConfigError("RUN_DIR", f"no run.json in {run_dir}")
+    rows = []
+    for name, dirname in data.get("stages", {}).items():
+        sdir = storage.join(run_dir, dirname)
+        st = read_status(sdir)
+        state = st["state"]
+        if state == "running" and not lease_alive(read_lease(sdir)):
+            state = "interrupted"
+        start, end = st.get("started"), st.get("finished") or time.time()
+        rows.append({"stage": name, "state": state, "fingerprint": dirname.rsplit("-", 1)[1],
+                     "progress": read_progress(sdir) or st.get("progress", {}),
+                     "elapsed_s": round(end - start, 1) if start else None,
+                     "mlflow_run_id": st.get("mlflow_run_id"), "error": st.get("error")})
+    return rows
+
+
+@app.command()
+def status(run_dir: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show each stage's state, progress, elapsed time, fingerprint and MLflow run id."""
+    try:
+        rows = _rows(run_dir)
+    except SeedlineError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("stage", "state", "progress", "elapsed", "fingerprint", "mlflow run")
+    for r in rows:
+        p = r["progress"]
+        prog = f"{p.get('done', '')}/{p.get('total', '')} {p.get('unit', '')}".strip() if p else ""
+        t.add_row(r["stage"], r["state"], prog, f"{r['elapsed_s']}s" if r["elapsed_s"] else "",
+                  r["fingerprint"], r["mlflow_run_id"] or "")
+    Console().print(t)
+
+
+@app.command()
+def plan(config: Path, overrides: Overrides = None) -> None:
+    """What would run or be skipped, and which config keys changed for a stage that would re-run."""
+    from pipeline.config import load_config
+    from pipeline.graph import order
+    from pipeline.state import read_status
+    from pipeline.tracking import flatten
+
+    try:
+        cfg = load_config(config, overrides or [])
+        nodes = order(cfg)
+    except SeedlineError as e:
+        _fail(e)
+    run_dir = cfg.run_dir()
+    recorded = storage.read_json_or(storage.join(run_dir, "run.json"), {}).get("stages", {})
+    for n in nodes:
+        state = read_status(storage.join(run_dir, n.dirname))["state"]
+        action = {"succeeded": "skip", "pending": "run"}.get(state, "resume")
+        line = f"{n.name:10s} {action:7s} {n.dirname}"
+        old = recorded.get(n.name)
+        if old and old != n.dirname and action == "run":
+            prev = flatten(storage.read_json_or(storage.join(run_dir, old, "config.json"), {}))
+            cur = flatten(n.config.model_dump(mode="json"))
+            changed = sorted(k for k in set(prev) | set(cur) if prev.get(k) != cur.get(k))
+            why = ", ".join(f"stages.{n.name}.{k}" for k in changed) or "an upstream stage changed"
+            line += f"  (was {old}; changed: {why})"
+        typer.echo(line)
+
+
+@app.command()
+def ui(run_dir: str, port: int = 5000) -> None:
+    """Start the MLflow UI on 127.0.0.1 for this run's tracking store."""
+    import subprocess
+
+    data = storage.read_json_or(storage.join(run_dir, "run.json"), {})
+    uri = data.get("tracking_uri")
+    if not uri:
+        _fail(ConfigError("RUN_DIR", f"no tracking store recorded in {run_dir}/run.json"))
+    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                    "--host", "127.0.0.1", "--port", str(port)], check=False)
+
+
+@app.command("example-data")
+def example_data(out_dir: Path) -> None:
+    """Write a small real corpus (Python standard library docs, no download) as JSONL.gz."""
+    from pipeline.example_data import write_corpus
+
+    typer.echo(write_corpus(out_dir))
+
+
+def main() -> None:
+    try:
+        from cluster.cli import register
+    except ModuleNotFoundError:
+        register = None
+    if register:
+        register(app)
+    app()
