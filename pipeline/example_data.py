@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import inspect
 import json
 import pkgutil
 import pydoc
@@ -24,7 +25,9 @@ def write_corpus(out_dir: Path, max_modules: int = 120, files: int = 4) -> Path:
         for attr in sorted(dir(mod)):
             obj = getattr(mod, attr, None)
             doc = getattr(obj, "__doc__", None)
-            if attr.startswith("_") or not isinstance(doc, str) or len(doc) < 80:
+            if attr.startswith("_") or not (inspect.isroutine(obj) or inspect.isclass(obj)):
+                continue
+            if not isinstance(doc, str) or len(doc) < 80:
                 continue
             docs.append({"id": f"{name}.{attr}", "text": pydoc.plain(pydoc.render_doc(obj, renderer=pydoc.plaintext))})
     for i in range(files):
