@@ -159,6 +159,9 @@ def example_data(out_dir: Path) -> None:
 
 
 def main() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         from cluster.cli import register
     except ModuleNotFoundError:
