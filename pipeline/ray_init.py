@@ -19,7 +19,9 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     runtime_env = {"env_vars": {k: v for k, v in env.items() if v}}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        # Inside a Ray job the job's runtime env already carries the variables; passing ours would clash.
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        ray.init(address=address, runtime_env=None if in_job else runtime_env, log_to_driver=True)
         return
     ray.init(
         num_cpus=num_cpus,
