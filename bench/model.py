@@ -1,9 +1,11 @@
 """Benchmark: Seedline's ``CausalLM`` against ``transformers.LlamaForCausalLM`` (SDPA attention).
 
-    .venv/bin/python bench/model.py [--batch 8] [--seq 256] [--steps 6] [--rounds 3] [--compile]
+    .venv/bin/python bench/model.py [--models tiny,small] [--batch 8] [--seq 256] [--rounds 3] [--compile]
 
-Both models get the same shape (a small GQA model by default), batch, sequence length, dtype,
-thread count and optimizer (AdamW, torch defaults), and train on the same random tokens. Each
+Models (vocabulary 8192 each): ``tiny``, the CPU demo preset (dim 128, 4 layers, 4/2 heads, ffn 384, tied
+embeddings), and ``small`` (dim 256, 4 layers, 8/2 heads, ffn 704, untied). For each, both
+implementations get the same shape, batch, sequence length, dtype, thread count and optimizer (AdamW,
+torch defaults), and train on the same random tokens. Each
 measurement runs in a fresh subprocess of this script, so peak memory is honest: the max RSS of the
 process (``getrusage``) minus its RSS right before the model was built. Rounds alternate which model
 goes first; every round does warmup steps, then times each training step (forward + backward + AdamW
@@ -36,11 +38,18 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def bench_config(args: argparse.Namespace, max_seq_len: int):
-    from stages.lm.model_config import ModelConfig
+VOCAB = 8192
+MODELS = {  # name -> (preset, overrides)
+    "tiny": ("tiny", {}),
+    "small": ("tiny", {"dim": 256, "n_heads": 8, "n_kv_heads": 2, "ffn_dim": 704, "tie_embeddings": False}),
+}
 
-    return ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
-                       n_kv_heads=args.kv_heads, ffn_dim=args.ffn, max_seq_len=max_seq_len)
+
+def bench_config(name: str, max_seq_len: int):
+    from stages.lm.presets import resolve_model_config
+
+    preset, overrides = MODELS[name]
+    return resolve_model_config(preset, overrides, vocab_size=VOCAB, max_seq_len=max_seq_len)
 
 
 def build(impl: str, cfg, device: str):
@@ -68,7 +77,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    cfg = bench_config(args, args.seq)
+    cfg = bench_config(args.model, args.seq)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
     targets = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
@@ -78,8 +87,12 @@ def worker(args: argparse.Namespace) -> None:
 
     def step() -> float:
         t0 = time.perf_counter()
-        # Each model's own label convention: Seedline takes aligned targets, HF shifts internally.
-        loss = model(input_ids=ids, labels=targets).loss
+        # Each model's own API for a training step: Seedline takes aligned targets and is told that
+        # only the loss is needed (no (B, T, V) logits); HF shifts labels itself and returns logits.
+        if args.worker == "hf":
+            loss = model(input_ids=ids, labels=targets).loss
+        else:
+            loss = model(input_ids=ids, labels=targets, return_logits=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -92,11 +105,10 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"impl": args.worker, "times": times, "mem": peak - base_rss}))
 
 
-def run_worker(impl: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl]
-    for k in ("batch", "seq", "steps", "warmup", "threads", "dtype", "vocab", "dim", "layers", "heads",
-              "kv_heads", "ffn"):
-        cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+def run_worker(impl: str, model: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--model", model]
+    for k in ("batch", "seq", "steps", "warmup", "threads", "dtype"):
+        cmd += [f"--{k}", str(getattr(args, k))]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False,
                          env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     if res.returncode != 0:
@@ -147,6 +159,31 @@ def gpu_mfu(args: argparse.Namespace) -> None:
           f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
+def compare(model: str, impls: list[str], args: argparse.Namespace) -> None:
+    """Run every implementation ``rounds`` times (alternating who goes first) and print the ratios."""
+    cfg = bench_config(model, args.seq)
+    print(f"\nmodel {model}: vocab {cfg.vocab_size}, dim {cfg.dim}, layers {cfg.n_layers}, heads "
+          f"{cfg.n_heads}/{cfg.kv_heads} kv, ffn {cfg.hidden_dim}, tied {cfg.tie_embeddings}")
+    times: dict[str, list[float]] = {k: [] for k in impls}
+    mem: dict[str, list[int]] = {k: [] for k in impls}
+    for r in range(args.rounds):
+        for impl in impls if r % 2 == 0 else impls[::-1]:
+            res = run_worker(impl, model, args)
+            times[impl] += res["times"]
+            mem[impl].append(res["mem"])
+    tokens = args.batch * args.seq
+    stats = {k: (tokens / statistics.median(v), tokens / min(v), max(mem[k]) / 2**20)
+             for k, v in times.items()}
+    for impl, (med, best, mib) in stats.items():
+        print(f"  {impl:18s} tokens/s median {med:8.0f}  best {best:8.0f}  "
+              f"peak memory (RSS delta) {mib:7.1f} MiB")
+    hf_med, hf_best, hf_mem = stats["hf"]
+    for impl in (k for k in impls if k != "hf"):
+        med, best, mib = stats[impl]
+        print(f"  ratio {impl}/hf: tokens/s median {med / hf_med:.2f}x, best {best / hf_best:.2f}x; "
+              f"memory {mib / hf_mem:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -157,12 +194,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--ffn", type=int, default=704)
+    ap.add_argument("--models", default="tiny,small", help=f"comma-separated, from {', '.join(MODELS)}")
+    ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--compile", action="store_true", help="also time Seedline under torch.compile")
     ap.add_argument("--gpu-batch", type=int, default=4)
     ap.add_argument("--gpu-steps", type=int, default=10)
@@ -172,27 +205,10 @@ def main() -> None:
         return
 
     impls = ["seedline", "hf"] + (["seedline-compiled"] if args.compile else [])
-    print(f"config: vocab {args.vocab}, dim {args.dim}, layers {args.layers}, heads {args.heads}/"
-          f"{args.kv_heads} kv, ffn {args.ffn}; batch {args.batch} x seq {args.seq}, {args.dtype}, "
-          f"{args.threads} threads; {args.rounds} rounds x ({args.warmup} warmup + {args.steps} timed steps)")
-    times: dict[str, list[float]] = {k: [] for k in impls}
-    mem: dict[str, list[int]] = {k: [] for k in impls}
-    for r in range(args.rounds):
-        for impl in impls if r % 2 == 0 else impls[::-1]:
-            res = run_worker(impl, args)
-            times[impl] += res["times"]
-            mem[impl].append(res["mem"])
-    tokens = args.batch * args.seq
-    stats = {k: (tokens / statistics.median(v), tokens / min(v), max(mem[k]) / 2**20)
-             for k, v in times.items()}
-    for impl, (med, best, mib) in stats.items():
-        print(f"{impl:18s} tokens/s median {med:8.0f}  best {best:8.0f}  "
-              f"peak memory (RSS delta) {mib:7.1f} MiB")
-    hf_med, hf_best, hf_mem = stats["hf"]
-    for impl in (k for k in impls if k != "hf"):
-        med, best, mib = stats[impl]
-        print(f"ratio {impl}/hf: tokens/s median {med / hf_med:.2f}x, best {best / hf_best:.2f}x; "
-              f"memory {mib / hf_mem:.2f}x")
+    print(f"batch {args.batch} x seq {args.seq}, {args.dtype}, {args.threads} threads; {args.rounds} rounds "
+          f"x ({args.warmup} warmup + {args.steps} timed steps), each run in a fresh process")
+    for model in args.models.split(","):
+        compare(model, impls, args)
     gpu_mfu(args)
 
 

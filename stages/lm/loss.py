@@ -32,33 +32,45 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, labels, chunk: int):  # x (N, D), weight (V, D), labels (N,)
+    def forward(ctx, x, weight, labels, chunk: int, keep_logits: bool):
+        # x (N, D), weight (V, D), labels (N,) -> loss (), logits (N, V) or (0, V)
         N, V = x.shape[0], weight.shape[0]
         acc = torch.promote_types(x.dtype, torch.float32)  # softmax and accumulation precision
         valid = labels != IGNORE_INDEX  # (N,)
         scale = 1.0 / valid.sum().clamp(min=1).to(acc)
         targets = labels.clamp(min=0)
-        logits = x.new_empty(N, V)
+        logits = x.new_empty(N if keep_logits else 0, V)
         grad_x = torch.empty_like(x)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         total = torch.zeros((), dtype=acc, device=x.device)
+        # Chunk buffers, reused (no fresh memory per chunk). Without kept logits the softmax is
+        # computed in place over the chunk's logits.
+        scratch = x.new_empty(0 if keep_logits else min(chunk, N), V)
+        work = torch.empty(min(chunk, N) if keep_logits else 0, V, dtype=acc, device=x.device)
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
             xc, tc = x[s:e], targets[s:e, None]
-            lc = torch.mm(xc, weight.t(), out=logits[s:e]).to(acc)  # (c, V)
-            top = lc.amax(-1, keepdim=True)
-            p = torch.sub(lc, top).exp_()  # unnormalised softmax, (c, V)
-            norm = p.sum(-1, keepdim=True)
-            lse = top + norm.log()
+            out = logits[s:e] if keep_logits else scratch[: e - s]
+            lc = torch.mm(xc, weight.t(), out=out).to(acc)  # (c, V)
             w = valid[s:e, None] * scale  # each token's weight in the mean, (c, 1)
-            total += ((lse - lc.gather(1, tc)) * w).sum()
+            total -= (lc.gather(1, tc) * w).sum()
+            top = lc.amax(-1, keepdim=True)
+            p = torch.sub(lc, top, out=work[: e - s]) if keep_logits else lc.sub_(top)
+            p = p.exp_()  # unnormalised softmax, (c, V)
+            norm = p.sum(-1, keepdim=True)
+            total += ((top + norm.log()) * w).sum()  # log-sum-exp
             # d loss / d logits = w * (softmax - one_hot(target))
             p.mul_(w / norm).scatter_add_(1, tc, -w)
             p = p.to(x.dtype)
             torch.mm(p, weight, out=grad_x[s:e])
-            grad_w.add_(torch.mm(p.t(), xc))
+            if grad_w.dtype == p.dtype:
+                grad_w.addmm_(p.t(), xc)
+            else:
+                grad_w.add_(torch.mm(p.t(), xc))
         ctx.save_for_backward(x, weight, grad_x, grad_w)
         ctx.set_materialize_grads(False)
+        if not keep_logits:
+            ctx.mark_non_differentiable(logits)
         return total, logits
 
     @staticmethod
@@ -71,25 +83,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
             gl = grad_logits.to(x.dtype)
             gx = gl @ weight if gx is None else gx.addmm_(gl, weight)
             gw = (gl.t() @ x).to(grad_w.dtype) if gw is None else gw.add_(gl.t() @ x)
-        return gx, None if gw is None else gw.to(weight.dtype), None, None
+        return gx, None if gw is None else gw.to(weight.dtype), None, None, None
 
 
 def linear_cross_entropy(
-    x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_bytes: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_bytes: int | None = None,
+    keep_logits: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T, D) hidden states, (V, D) output weights, (B, T) labels -> (mean loss, (B, T, V) logits).
 
     Same values and gradients as ``cross_entropy(x @ weight.T, labels)``, computed in chunks of about
-    ``chunk_bytes`` of logits (a cache-sized default on CPU, large on accelerators).
+    ``chunk_bytes`` of logits (a cache-sized default on CPU, large on accelerators). With
+    ``keep_logits=False`` the full logits are never materialised and None is returned for them.
     """
     B, T, D = x.shape
-    if x.dtype != weight.dtype:  # e.g. under autocast: one dtype for the products, as F.linear would
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
-            else weight.dtype
+    if torch.is_autocast_enabled(x.device.type):  # products in the autocast dtype, as F.linear would be
+        dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
+    elif x.dtype != weight.dtype:
+        x = x.to(weight.dtype)
     if chunk_bytes is None:
         chunk_bytes = CHUNK_BYTES.get(x.device.type, DEFAULT_CHUNK_BYTES)
     chunk = max(1, chunk_bytes // (4 * weight.shape[0]))
     with torch.autocast(x.device.type, enabled=False):
-        loss, logits = _LinearCrossEntropy.apply(x.reshape(B * T, D), weight, labels.reshape(-1), chunk)
-    return loss, logits.view(B, T, -1)
+        loss, logits = _LinearCrossEntropy.apply(x.reshape(B * T, D), weight, labels.reshape(-1), chunk,
+                                                 keep_logits)
+    return loss, logits.view(B, T, -1) if keep_logits else None

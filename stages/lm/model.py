@@ -31,15 +31,16 @@ __all__ = ["IGNORE_INDEX", "CausalLM", "CausalLMOutput", "KVCache", "ModelConfig
 
 
 class CausalLMOutput(dict):
-    """What ``CausalLM.forward`` returns: a dict with ``logits`` (B, T, V) and ``loss`` (scalar mean
-    cross-entropy over labels != -100, or None), also readable as attributes (``out.loss``).
+    """What ``CausalLM.forward`` returns: a dict with ``logits`` (B, T, V) (None when a training step
+    asked for the loss only) and ``loss`` (scalar mean cross-entropy over labels != -100, or None),
+    also readable as attributes (``out.loss``).
 
     A dict (like transformers' ``ModelOutput``) so that wrappers which walk module outputs, such as
     DeepSpeed ZeRO-3's backward hooks, see the tensors inside.
     """
 
     @property
-    def logits(self) -> torch.Tensor:
+    def logits(self) -> torch.Tensor | None:
         return self["logits"]
 
     @property
@@ -233,8 +234,15 @@ class CausalLM(nn.Module):
         labels: torch.Tensor | None = None,  # (B, T) already aligned targets; -100 = ignore
         cache: KVCache | None = None,
         last_only: bool = False,  # compute logits for the last position only (generation)
+        return_logits: bool = True,
     ) -> CausalLMOutput:
-        """Logits for every position and, given ``labels``, the mean cross-entropy loss."""
+        """Logits for every position and, given ``labels``, the mean cross-entropy loss.
+
+        With labels and gradients enabled, the output projection and the loss are computed together
+        in chunks (same values and gradients as the plain way, less time and memory). A training step
+        that needs only the loss should pass ``return_logits=False``: the (B, T, V) logits are then
+        never materialised, and ``logits`` is None.
+        """
         B, T = input_ids.shape
         P = cache.pos if cache is not None else 0
         if position_ids is None:
@@ -251,8 +259,7 @@ class CausalLM(nn.Module):
             cache.pos += T
         x = self.norm(x[:, -1:] if last_only else x)
         if labels is not None and torch.is_grad_enabled() and not last_only:
-            # Training: projection and loss fused (same values and gradients, less time and memory).
-            loss, logits = linear_cross_entropy(x, self.output_weight, labels)
+            loss, logits = linear_cross_entropy(x, self.output_weight, labels, keep_logits=return_logits)
             return CausalLMOutput(logits=logits, loss=loss)
         logits = F.linear(x, self.output_weight)  # (B, T, V)
         loss = None if labels is None else cross_entropy(logits, labels)

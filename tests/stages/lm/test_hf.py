@@ -131,3 +131,19 @@ def test_import_rejects_what_it_cannot_represent(tmp_path):
         import_hf(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="config.json"):
         import_hf(str(tmp_path / "missing"))
+
+
+def test_import_reads_a_checkpoint_saved_by_transformers(tmp_path):
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=80,
+                                      num_hidden_layers=2, num_attention_heads=8,
+                                      num_key_value_heads=2, rms_norm_eps=1e-6,
+                                      max_position_embeddings=64, tie_word_embeddings=True,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 20000.0})
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(str(tmp_path))
+    model = import_hf(str(tmp_path))
+    assert (model.cfg.n_kv_heads, model.cfg.rope_theta, model.cfg.norm_eps) == (2, 20000.0, 1e-6)
+    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (model(ids).logits - hf(ids).logits).abs().max() <= 1e-4

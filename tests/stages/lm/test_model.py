@@ -86,14 +86,16 @@ def test_fused_projection_and_loss_match_the_plain_computation(chunk_bytes):
     w = torch.randn(61, 16, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 61, (2, 9))
     labels[1, 3:] = -100
-    for use_logits in (False, True):  # a loss that also uses the logits gets exact gradients too
-        loss, logits = linear_cross_entropy(x, w, labels, chunk_bytes=chunk_bytes)
+    # a loss that also uses the logits gets exact gradients too; without kept logits, none are made
+    for use_logits, keep in ((False, True), (True, True), (False, False)):
+        loss, logits = linear_cross_entropy(x, w, labels, chunk_bytes=chunk_bytes, keep_logits=keep)
         total = loss + (logits.pow(2).mean() if use_logits else 0)
         gx, gw = torch.autograd.grad(total, (x, w))
         ref_logits = x @ w.T
         ref = cross_entropy(ref_logits, labels) + (ref_logits.pow(2).mean() if use_logits else 0)
         rx, rw = torch.autograd.grad(ref, (x, w))
-        assert torch.allclose(logits, ref_logits) and torch.allclose(loss, cross_entropy(ref_logits, labels))
+        assert torch.allclose(loss, cross_entropy(ref_logits, labels))
+        assert torch.allclose(logits, ref_logits) if keep else logits is None
         assert torch.allclose(gx, rx) and torch.allclose(gw, rw)
 
 
@@ -104,11 +106,18 @@ def test_training_forward_gradients_match_eval_path_and_checkpointing():
     fused = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
     cross_entropy(m(ids).logits, labels).backward()  # plain path
+    plain = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    out = m(ids, labels=labels, return_logits=False)  # loss only: no logits materialised
+    assert out.logits is None
+    out.loss.backward()
+    loss_only = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
     m.activation_checkpointing = True
     m(ids, labels=labels).loss.backward()
     for n, p in m.named_parameters():
-        assert torch.allclose(p.grad, fused[n], atol=1e-6), n
+        for other in (plain, loss_only, {n: p.grad}):
+            assert torch.allclose(other[n], fused[n], atol=1e-6), n
 
 
 def test_chunked_prefill_with_cache_equals_full_forward():
