@@ -5,8 +5,9 @@
 Models (vocabulary 8192 each): ``tiny``, the CPU demo preset (dim 128, 4 layers, 4/2 heads, ffn 384, tied
 embeddings), and ``small`` (dim 256, 4 layers, 8/2 heads, ffn 704, untied). For each, both
 implementations get the same shape, batch, sequence length, dtype, thread count and optimizer (AdamW,
-torch defaults), and train on the same random tokens. Each
-measurement runs in a fresh subprocess of this script, so peak memory is honest: the max RSS of the
+torch defaults), and train on the same random tokens, each through its own training API: Seedline
+gets pre-aligned labels and ``return_logits=False`` (a loss-only step), HF shifts the labels itself.
+Each measurement runs in a fresh subprocess of this script, so peak memory is honest: the max RSS of the
 process (``getrusage``) minus its RSS right before the model was built. Rounds alternate which model
 goes first; every round does warmup steps, then times each training step (forward + backward + AdamW
 step). Throughput is reported from the median step (and the best step, less sensitive to other load

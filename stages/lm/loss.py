@@ -79,7 +79,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gx = gw = None
         if grad_loss is not None:
             gx, gw = grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss
-        if grad_logits is not None:  # the caller also differentiated through the logits
+        if grad_logits is not None and grad_logits.numel():  # a loss was built on the logits too
             gl = grad_logits.to(x.dtype)
             gx = gl @ weight if gx is None else gx.addmm_(gl, weight)
             gw = (gl.t() @ x).to(grad_w.dtype) if gw is None else gw.add_(gl.t() @ x)

@@ -9,7 +9,9 @@ choices made for speed:
 - rotary cos/sin are computed once per forward, in the half-split ("rotate_half") convention that
   Hugging Face uses, so export needs no q/k permutation;
 - attention is ``scaled_dot_product_attention`` with ``enable_gqa`` (no K/V copies per query group) and
-  the ``is_causal`` fast path when no document mask is given.
+  the ``is_causal`` fast path when no document mask is given;
+- with labels, the output projection and the cross-entropy run fused in chunks (``stages/lm/loss.py``),
+  and a loss-only training step never materialises the (B, T, V) logits.
 
 Shape legend: B batch, T new tokens, P tokens already in the KV cache, S = P + T, D model dim,
 H query heads, K key/value heads, E head dim, F feed-forward dim, V vocabulary.
