@@ -139,7 +139,7 @@ def gpu_mfu(args: argparse.Namespace) -> None:
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, return_logits=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
