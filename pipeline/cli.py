@@ -152,10 +152,11 @@ def ui(run_dir: str, port: int = 5000) -> None:
 
 @app.command("example-data")
 def example_data(out_dir: Path) -> None:
-    """Write a small real corpus (Python standard library docs, no download) as JSONL.gz."""
-    from pipeline.example_data import write_corpus
+    """Write the demo data (Python standard library docs, no download): corpus, instruction, preference
+    and evaluation sets."""
+    from pipeline.example_data import write_all
 
-    typer.echo(write_corpus(out_dir))
+    typer.echo(write_all(out_dir))
 
 
 def main() -> None:

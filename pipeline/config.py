@@ -78,7 +78,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     """Apply ``a.b.c=value`` (value parsed as YAML) to a raw config mapping."""
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(override, "override must look like key.path=value (e.g. stages.tokenize.seq_len=512)")
+        raise ConfigError(override,
+                          "override must look like key.path=value (e.g. stages.tokenize.seq_len=512)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
@@ -116,7 +117,8 @@ def validate_config(data: Any) -> PipelineConfig:
         spec = stage_registry.get(name)
         for dep in spec.consumes:
             if dep not in present:
-                raise ConfigError(f"stages.{name}", f"consumes stage '{dep}', which is not in the pipeline; add stages.{dep}")
+                raise ConfigError(f"stages.{name}",
+                                  f"consumes stage '{dep}', which is not in the pipeline; add stages.{dep}")
         if spec.check:
             spec.check(model, present)
     cfg._stage_models = models

@@ -1,23 +1,68 @@
-"""Demo corpus from the Python standard library's own documentation (pydoc): no download needed."""
+"""Demo data from the Python standard library's own documentation (pydoc): no download needed.
+
+``write_all(DIR)`` writes, from the same documented stdlib members:
+
+- ``corpus/part-0N.jsonl.gz``: one pydoc page per member (pretraining text; pydoc repeats inherited docs,
+  which gives natural near-duplicates for the dedupe stage);
+- ``instruct/{train,val}.jsonl``: "What does `json.dumps` do?" answered by the member's documented summary,
+  mostly as chat ``messages``, some as ``prompt``/``completion``;
+- ``prefs/{train,val}.jsonl``: the right summary as ``chosen``, another module's summary as ``rejected``;
+- ``eval/mc.jsonl``: which of four summaries belongs to a member (held-out members only);
+- ``eval/prompts.jsonl``: a dozen held-out questions for greedy generations.
+
+Members are split by a stable hash of their qualified name, so about 10% are held out of every training set.
+"""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import inspect
 import json
 import pkgutil
 import pydoc
+import random
+import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-MODULES = [m.name for m in pkgutil.iter_modules() if not m.name.startswith("_")]
+SYSTEM = "You are a Python documentation assistant."
+# Modules whose import has side effects (prints, opens a browser or a window).
+_SKIP = {"antigravity", "this", "idlelib", "turtle", "turtledemo", "tkinter", "pydoc_data"}
+_SIGNATURE = re.compile(r"^[\w.]+\(.*\)(\s*->\s*.*)?$")
 
 
-def write_corpus(out_dir: Path, max_modules: int = 120, files: int = 4) -> Path:
-    """One document per documented module member; pydoc repeats inherited docs: natural near-duplicates."""
-    out = out_dir / "corpus"
-    out.mkdir(parents=True, exist_ok=True)
-    docs = []
-    for name in sorted(m for m in MODULES if m in __import__("sys").stdlib_module_names)[:max_modules]:
+@dataclass(frozen=True)
+class Member:
+    """One documented stdlib routine or class."""
+
+    qualname: str
+    module: str
+    page: str
+    summary: str
+
+    @property
+    def held_out(self) -> bool:
+        return int(hashlib.sha1(self.qualname.encode()).hexdigest(), 16) % 10 == 0
+
+
+def summary_of(doc: str, limit: int = 300) -> str:
+    """The docstring's first real paragraph (not a signature line), whitespace-collapsed, cut at a word."""
+    for para in inspect.cleandoc(doc).split("\n\n"):
+        text = " ".join(para.split())
+        if len(text) >= 20 and not _SIGNATURE.match(text):
+            return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+    return ""
+
+
+def collect_members(max_modules: int = 1000) -> list[Member]:
+    """Documented public routines and classes of the first ``max_modules`` importable stdlib modules."""
+    wanted = sys.stdlib_module_names - _SKIP
+    names = sorted(m.name for m in pkgutil.iter_modules() if m.name in wanted and not m.name.startswith("_"))
+    names = names[:max_modules]
+    members = []
+    for name in names:
         try:
             mod = __import__(name)
         except Exception:  # noqa: BLE001 - some stdlib modules cannot import on this platform
@@ -29,9 +74,85 @@ def write_corpus(out_dir: Path, max_modules: int = 120, files: int = 4) -> Path:
                 continue
             if not isinstance(doc, str) or len(doc) < 80:
                 continue
-            docs.append({"id": f"{name}.{attr}", "text": pydoc.plain(pydoc.render_doc(obj, renderer=pydoc.plaintext))})
+            page = pydoc.plain(pydoc.render_doc(obj, renderer=pydoc.plaintext))
+            members.append(Member(f"{name}.{attr}", name, page, summary_of(doc)))
+    return members
+
+
+def write_corpus(out_dir: Path, max_modules: int = 1000, files: int = 4) -> Path:
+    """The pretraining corpus only (kept for callers that need just the text)."""
+    return _write_corpus(out_dir, collect_members(max_modules), files)
+
+
+def _write_corpus(out_dir: Path, members: list[Member], files: int = 4) -> Path:
+    out = out_dir / "corpus"
+    out.mkdir(parents=True, exist_ok=True)
     for i in range(files):
         with gzip.open(out / f"part-{i:02d}.jsonl.gz", "wt") as f:
-            for d in docs[i::files]:
-                f.write(json.dumps(d) + "\n")
+            for m in members[i::files]:
+                f.write(json.dumps({"id": m.qualname, "text": m.page}) + "\n")
     return out
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _question(m: Member) -> str:
+    return f"What does `{m.qualname}` do?"
+
+
+def _instruction(m: Member, i: int) -> dict:
+    # A mix of the shapes users bring: plain chat, chat with a system turn, prompt/completion.
+    if i % 10 == 9:
+        return {"prompt": f"Summarise `{m.qualname}`.", "completion": m.summary}
+    messages = [{"role": "user", "content": _question(m)}, {"role": "assistant", "content": m.summary}]
+    if i % 4 == 1:
+        messages.insert(0, {"role": "system", "content": SYSTEM})
+    return {"messages": messages}
+
+
+def _distractors(m: Member, pool: list[Member], rng: random.Random, k: int) -> list[str]:
+    """``k`` distinct summaries of members from other modules, none equal to ``m``'s."""
+    picked: list[str] = []
+    while len(picked) < k:
+        other = rng.choice(pool)
+        if other.module != m.module and other.summary != m.summary and other.summary not in picked:
+            picked.append(other.summary)
+    return picked
+
+
+def _preference(m: Member, pool: list[Member], rng: random.Random, i: int) -> dict:
+    rejected = _distractors(m, pool, rng, 1)[0]
+    if i % 5 == 4:
+        return {"prompt": [{"role": "user", "content": _question(m)}],
+                "chosen": [{"role": "assistant", "content": m.summary}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
+    return {"prompt": _question(m), "chosen": m.summary, "rejected": rejected}
+
+
+def _multiple_choice(m: Member, pool: list[Member], rng: random.Random) -> dict:
+    choices = [m.summary, *_distractors(m, pool, rng, 3)]
+    rng.shuffle(choices)
+    return {"context": f"Which summary belongs to `{m.qualname}`?\nAnswer:",
+            "choices": [" " + c for c in choices], "gold": choices.index(m.summary)}
+
+
+def write_all(out_dir: Path, max_modules: int = 1000, seed: int = 0) -> Path:
+    """Corpus, instruction, preference and evaluation sets (see the module docstring)."""
+    members = collect_members(max_modules)
+    _write_corpus(out_dir, members)
+    # One example per distinct summary: inherited docs repeat, and a repeat would leak across the split.
+    seen: set[str] = set()
+    tasks = [m for m in members if m.summary and not (m.summary in seen or seen.add(m.summary))]
+    train = [m for m in tasks if not m.held_out]
+    held = [m for m in tasks if m.held_out]
+    rng = random.Random(seed)
+    for split, ms in (("train", train), ("val", held)):
+        _write_jsonl(out_dir / f"instruct/{split}.jsonl", [_instruction(m, i) for i, m in enumerate(ms)])
+        pairs = [_preference(m, tasks, rng, i) for i, m in enumerate(ms)]
+        _write_jsonl(out_dir / f"prefs/{split}.jsonl", pairs)
+    _write_jsonl(out_dir / "eval" / "mc.jsonl", [_multiple_choice(m, tasks, rng) for m in held])
+    _write_jsonl(out_dir / "eval" / "prompts.jsonl", [{"prompt": _question(m)} for m in held[:12]])
+    return out_dir

@@ -106,7 +106,8 @@ class Runner:
         storage.makedirs(self.state.run_dir)
         data = self.state.load()
         if self.cfg.tracking.enabled:
-            self.tracking = PipelineTracking(self.cfg.tracking_uri(), self.cfg.tracking.experiment or self.cfg.name)
+            experiment = self.cfg.tracking.experiment or self.cfg.name
+            self.tracking = PipelineTracking(self.cfg.tracking_uri(), experiment)
             tags = {"seedline.run_dir": self.state.run_dir, "seedline.git_sha": git_sha() or "unknown"}
             self.parent_run_id = self.tracking.parent(data.get("mlflow_parent_run_id"), self.cfg.name, tags)
         data.update(
@@ -147,12 +148,11 @@ class Runner:
             state = read_status(sdir)["state"]
             if state == "succeeded":
                 return "waited"
-            if state == "failed" or not lease_alive(read_lease(sdir)):
-                if lease.try_acquire():
-                    try:
-                        return self._execute(node, sdir, lease, resume_only=True)
-                    finally:
-                        lease.release()
+            if (state == "failed" or not lease_alive(read_lease(sdir))) and lease.try_acquire():
+                try:
+                    return self._execute(node, sdir, lease, resume_only=True)
+                finally:
+                    lease.release()
 
     def _clear(self, sdir: str) -> None:
         for name in storage.listdir(sdir):
@@ -192,7 +192,8 @@ class Runner:
                 raise StageFailed(f"stage '{node.name}' failed: {reason} (details: {sdir}/error.txt)") from e
             raise
         lease.on_beat = None
-        status.update(state="succeeded", finished=time.time(), progress=read_progress(sdir) or status["progress"])
+        progress = read_progress(sdir) or status["progress"]
+        status.update(state="succeeded", finished=time.time(), progress=progress)
         tracker.close("FINISHED")
         write_status(sdir, status)  # the success marker comes last
         self.show(f"{node.name}: succeeded in {status['finished'] - status['started']:.1f}s")
@@ -231,6 +232,7 @@ class Runner:
 
 def run_pipeline(cfg: PipelineConfig, only: str | None = None, from_stage: str | None = None,
                  show: Callable[[str], None] | None = None,
-                 progress_factory: Callable[[str], Callable[[dict[str, Any]], None]] | None = None) -> RunResult:
+                 progress_factory: Callable[[str], Callable[[dict[str, Any]], None]] | None = None,
+                 ) -> RunResult:
     """Run (or resume) the pipeline ``cfg``. Raises ``StageFailed`` when a stage fails."""
     return Runner(cfg, show, progress_factory).run(only=only, from_stage=from_stage)

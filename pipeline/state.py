@@ -121,7 +121,8 @@ class Lease:
                 storage.remove(storage.join(self.stage_dir, "lease.json"))
 
     def _write(self) -> None:
-        storage.write_json(storage.join(self.stage_dir, "lease.json"), {"owner": self.owner, "heartbeat": _now()})
+        lease = {"owner": self.owner, "heartbeat": _now()}
+        storage.write_json(storage.join(self.stage_dir, "lease.json"), lease)
 
     def _beat(self) -> None:
         interval = max(lease_ttl() / 4, 0.2)

@@ -1,0 +1,49 @@
+"""`seedline example-data`: real stdlib documentation, split without leaks, well-formed sets."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_example_data_writes_every_set_without_train_val_leaks(tmp_path):
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "pipeline", "example-data", str(out)],
+                          capture_output=True, text=True, check=True)
+    assert str(out) in done.stdout
+    docs = [json.loads(line) for p in sorted((out / "corpus").glob("part-*.jsonl.gz"))
+            for line in gzip.decompress(p.read_bytes()).decode().splitlines()]
+    assert len(docs) > 1000 and {"id", "text"} <= set(docs[0])
+    assert any(d["id"] == "json.dumps" and "Serialize" in d["text"] for d in docs)
+
+    train, val = _rows(out / "instruct/train.jsonl"), _rows(out / "instruct/val.jsonl")
+    assert len(train) > 500 and len(val) > 30
+    kinds = {("messages" in r, "prompt" in r) for r in train}
+    assert kinds == {(True, False), (False, True)}
+    assert any(r["messages"][0]["role"] == "system" for r in train if "messages" in r)
+
+    def question(r):
+        return r["messages"][-2]["content"] if "messages" in r else r["prompt"]
+
+    def name(q):
+        return q.split("`")[1]
+    assert not {name(question(r)) for r in train} & {name(question(r)) for r in val}
+
+    prefs = _rows(out / "prefs/train.jsonl")
+    assert len(prefs) == len(train)
+    assert all(p["chosen"] != p["rejected"] for p in prefs)
+    assert {type(p["prompt"]) for p in prefs} == {list, str}
+    held_pairs = _rows(out / "prefs/val.jsonl")
+    assert {name(p["prompt"] if isinstance(p["prompt"], str) else p["prompt"][0]["content"])
+            for p in held_pairs} == {name(question(r)) for r in val}
+
+    mc = _rows(out / "eval/mc.jsonl")
+    assert len(mc) == len(val)
+    for item in mc:
+        assert len(set(item["choices"])) == 4 and 0 <= item["gold"] < 4
+    assert len(_rows(out / "eval/prompts.jsonl")) == 12
