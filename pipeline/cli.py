@@ -22,11 +22,39 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2 if isinstance(e, ConfigError) else 1)
 
 
+def _progress_bars():
+    """A rich progress display and a factory of per-stage callbacks (``done``/``step`` of ``total``)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bars = Progress(TextColumn("{task.description:24s}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), transient=False)
+
+    def factory(stage: str):
+        task = bars.add_task(stage, total=None, unit="")
+
+        def update(state: dict) -> None:
+            # Data stages report a sub-step name plus done/total; training reports an integer step.
+            step, done = state.get("step"), state.get("done")
+            if done is None and isinstance(step, int):
+                done = step
+            label = f"{stage} {step}" if isinstance(step, str) else stage
+            bars.update(task, description=label, unit=state.get("unit", ""))
+            if done is not None:
+                bars.update(task, completed=done, total=state.get("total"))
+        return update
+    return bars, factory
+
+
 def _run(cfg, only: str | None, from_stage: str | None) -> None:
+    import contextlib
+
     from pipeline.runner import run_pipeline
 
+    bars, factory = _progress_bars() if sys.stderr.isatty() else (contextlib.nullcontext(), None)
     try:
-        res = run_pipeline(cfg, only=only, from_stage=from_stage, show=lambda m: typer.echo(m, err=True))
+        with bars:
+            res = run_pipeline(cfg, only=only, from_stage=from_stage, show=lambda m: typer.echo(m, err=True),
+                               progress_factory=factory)
     except SeedlineError as e:
         _fail(e)
     typer.echo(res.run_dir)
@@ -101,17 +129,43 @@ def status(run_dir: str, as_json: bool = typer.Option(False, "--json")) -> None:
 
     t = Table("stage", "state", "progress", "elapsed", "fingerprint", "mlflow run")
     for r in rows:
-        p = r["progress"]
-        prog = f"{p.get('done', '')}/{p.get('total', '')} {p.get('unit', '')}".strip() if p else ""
+        prog = _describe_progress(r["progress"] or {})
         t.add_row(r["stage"], r["state"], prog, f"{r['elapsed_s']}s" if r["elapsed_s"] else "",
                   r["fingerprint"], r["mlflow_run_id"] or "")
     Console().print(t)
+
+
+def _result_fields(node, recorded: dict) -> dict:
+    """A recorded stage config without its volatile fields (as recorded, if the schema moved on since)."""
+    from pydantic import ValidationError
+
+    from pipeline.fingerprint import result_fields
+
+    try:
+        return result_fields(node.spec.config_model(**recorded))
+    except ValidationError:
+        return recorded
+
+
+def _describe_progress(p: dict) -> str:
+    """``3/4 shards (encode)`` for data stages, ``step 120/300, 1.2M tokens, ETA 40s`` for training."""
+    step = p.get("step")
+    if isinstance(step, int):
+        text = f"step {step}/{p.get('total', '?')}"
+        if p.get("tokens"):
+            text += f", {p['tokens'] / 1e6:.1f}M tokens"
+        if p.get("eta_s") is not None:
+            text += f", ETA {int(p['eta_s'])}s"
+        return text
+    text = f"{p['done']}/{p.get('total', '?')} {p.get('unit', '')}".strip() if "done" in p else ""
+    return f"{text} ({step})" if step else text
 
 
 @app.command()
 def plan(config: Path, overrides: Overrides = None) -> None:
     """What would run or be skipped, and which config keys changed for a stage that would re-run."""
     from pipeline.config import load_config
+    from pipeline.fingerprint import result_fields
     from pipeline.graph import order
     from pipeline.state import read_status
     from pipeline.tracking import flatten
@@ -129,8 +183,9 @@ def plan(config: Path, overrides: Overrides = None) -> None:
         line = f"{n.name:10s} {action:7s} {n.dirname}"
         old = recorded.get(n.name)
         if old and old != n.dirname and action == "run":
-            prev = flatten(storage.read_json_or(storage.join(run_dir, old, "config.json"), {}))
-            cur = flatten(n.config.model_dump(mode="json"))
+            old_config = storage.read_json_or(storage.join(run_dir, old, "config.json"), {})
+            prev = flatten(_result_fields(n, old_config))
+            cur = flatten(result_fields(n.config))
             changed = sorted(k for k in set(prev) | set(cur) if prev.get(k) != cur.get(k))
             why = ", ".join(f"stages.{n.name}.{k}" for k in changed) or "an upstream stage changed"
             line += f"  (was {old}; changed: {why})"

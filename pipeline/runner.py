@@ -7,6 +7,7 @@ the stage's ``status.json`` and lease; the stage owns the rest of its directory.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import time
 import traceback
@@ -36,7 +37,10 @@ class RunResult:
 
 
 def git_sha() -> str | None:
-    """The commit of the Seedline checkout, when it is one."""
+    """The commit of the Seedline checkout (or ``SEEDLINE_GIT_SHA``, set where the code is not a checkout,
+    e.g. a Docker image or a job's working-dir upload)."""
+    if os.environ.get("SEEDLINE_GIT_SHA"):
+        return os.environ["SEEDLINE_GIT_SHA"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent.parent,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,15 +80,17 @@ def register(
 
 
 def registry() -> dict[str, StageSpec]:
-    """All registered stages, loading the ``seedline.stages`` entry points once."""
+    """All registered stages, loading them once from the ``seedline.stages`` entry points and from the
+    modules named in ``SEEDLINE_STAGE_MODULES`` (comma-separated: a project's own stages, no packaging)."""
     global _LOADED
     if not _LOADED:
         _LOADED = True
         from importlib.metadata import entry_points
 
         eps = entry_points(group="seedline.stages")
-        names = {ep.value for ep in eps} or {"stages"}
-        for mod in sorted(names):
+        names = sorted({ep.value for ep in eps} or {"stages"})
+        names += [m.strip() for m in os.environ.get("SEEDLINE_STAGE_MODULES", "").split(",") if m.strip()]
+        for mod in names:
             importlib.import_module(mod)
     return _REGISTRY
 

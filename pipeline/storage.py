@@ -39,9 +39,13 @@ def fs_for(path: str):
 def _storage_options(path: str) -> dict[str, Any]:
     # An S3-compatible endpoint other than AWS (MinIO, moto, Ceph) is given the way the AWS CLI takes it.
     if path.startswith("s3://"):
+        # Another process (a worker, a second driver) writes markers and leases here: a cached listing
+        # would hide them, so listings are always fresh.
+        opts: dict[str, Any] = {"use_listings_cache": False}
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
-            return {"client_kwargs": {"endpoint_url": endpoint}}
+            opts["client_kwargs"] = {"endpoint_url": endpoint}
+        return opts
     return {}
 
 
