@@ -93,6 +93,13 @@ def resume(run_dir: str, address: str | None = typer.Option(None, "--address"),
         _fail(e)
 
 
+def _newest_run(workdir: str) -> str:
+    runs = sorted(Path(workdir).glob("*/run.json"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise ConfigError("RUN_DIR", f"no run found under ./{workdir}; pass the run directory")
+    return str(runs[-1].parent)
+
+
 def _rows(run_dir: str) -> list[dict]:
     from pipeline.state import lease_alive, read_lease, read_progress, read_status
 
@@ -115,10 +122,11 @@ def _rows(run_dir: str) -> list[dict]:
 
 
 @app.command()
-def status(run_dir: str, as_json: bool = typer.Option(False, "--json")) -> None:
+def status(run_dir: str | None = typer.Argument(None, help="default: the newest run under ./runs"),
+           as_json: bool = typer.Option(False, "--json")) -> None:
     """Show each stage's state, progress, elapsed time, fingerprint and MLflow run id."""
     try:
-        rows = _rows(run_dir)
+        rows = _rows(run_dir or _newest_run("runs"))
     except SeedlineError as e:
         _fail(e)
     if as_json:
