@@ -33,7 +33,7 @@ from cluster import auth, package
 from cluster.client import connect, translate_errors
 from cluster.errors import ClusterError
 from pipeline import storage
-from pipeline.config import PipelineConfig, apply_override, validate_config
+from pipeline.config import PipelineConfig, apply_override, read_yaml, validate_config
 from pipeline.errors import ConfigError
 
 # Environment variables the stages may need, passed to the job when set here (values never shown).
@@ -96,19 +96,6 @@ def new_job_id(name: str) -> str:
     return f"seedline-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-def _read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError("", f"config file not found: {p}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError("", f"{p} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError("", "the config file must be a YAML mapping (name, workdir, stages, ...)")
-    return data
-
-
 def _effective(data: dict[str, Any]) -> tuple[dict[str, Any], PipelineConfig]:
     """Validate, then pin what must not differ on the cluster: the absolute workdir, and no Ray address
     (the job's stages attach to the cluster the job runs in)."""
@@ -137,7 +124,7 @@ def submit(config_path: str | Path, address: str, overrides: Iterable[str] = (),
     warnings = auth.check_submission(address, token, insecure)  # before any connection
     for w in warnings:
         warn(w)
-    data = _read_yaml(config_path)
+    data = read_yaml(config_path)
     overrides = list(overrides)
     for o in overrides:
         apply_override(data, o)

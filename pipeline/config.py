@@ -126,8 +126,8 @@ def validate_config(data: Any) -> PipelineConfig:
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """Read a YAML file, apply ``-s`` overrides, validate."""
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's raw mapping; a missing file, bad YAML or a non-mapping is a ``ConfigError``."""
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text())
@@ -136,9 +136,16 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except yaml.YAMLError as e:
         raise ConfigError("", f"{p} is not valid YAML: {e}") from None
     data = data if data is not None else {}
-    if isinstance(data, dict):
-        for o in overrides:
-            apply_override(data, o)
+    if not isinstance(data, dict):
+        raise ConfigError("", "the config file must be a YAML mapping (name, workdir, stages, ...)")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a YAML file, apply ``-s`` overrides, validate."""
+    data = read_yaml(path)
+    for o in overrides:
+        apply_override(data, o)
     return validate_config(data)
 
 

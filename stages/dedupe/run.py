@@ -15,7 +15,6 @@ Steps (each resumable):
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.stage import StageContext
 from stages.common.records import InputFile, expand_inputs
+from stages.common.tasks import run_keyed_tasks
 from stages.dedupe.buckets import FLAG_EXACT, FLAG_NEAR, shuffle_edges
 from stages.dedupe.clusters import removal_table, resolve
 from stages.dedupe.components import connected_components
@@ -38,12 +38,6 @@ from stages.dedupe.tables import write_parquet
 # Test hook: "map:N" or "filter:N" makes the driver exit hard (no cleanup) once N shards of that step
 # have completed in this process, to prove that a killed run resumes to identical output.
 KILL_ENV = "SEEDLINE_DEDUPE_KILL_AFTER"
-
-
-def _kill_after(step: str) -> int | None:
-    spec = os.environ.get(KILL_ENV, "")
-    name, _, n = spec.partition(":")
-    return int(n) if name == step and n else None
 
 
 def _check_plan(lay: Layout, inputs: list[InputFile], bands: int, rows: int, ctx: StageContext) -> None:
@@ -60,31 +54,9 @@ def _check_plan(lay: Layout, inputs: list[InputFile], bands: int, rows: int, ctx
 
 def _run_shards(ctx: StageContext, step: str, keys: list[int], marker: Callable[[int], str],
                 fn: Callable[..., dict[str, Any]], args: Callable[[int], tuple]) -> list[dict[str, Any]]:
-    """Run ``fn(*args(key))`` as a Ray task for every key without a marker; stats of all keys."""
-    import ray
-
-    results: dict[int, dict[str, Any]] = {}
-    for k in keys:
-        done = storage.read_json_or(marker(k), None)
-        if done is not None:
-            results[k] = done
-    task = ray.remote(num_cpus=1)(fn)
-    refs = {task.remote(*args(k)): k for k in keys if k not in results}
-    kill, finished = _kill_after(step), 0
-    ctx.progress.update(step=step, done=len(results), total=len(keys), unit="shards", force=True)
-    while refs:
-        ready, _ = ray.wait(list(refs), num_returns=1)
-        for ref in ready:
-            k = refs.pop(ref)
-            try:
-                results[k] = ray.get(ref)
-            except Exception as e:
-                raise RuntimeError(f"dedupe {step} failed on shard {k}: {e}") from e
-            finished += 1
-        ctx.progress.update(step=step, done=len(results), total=len(keys), unit="shards")
-        if kill is not None and finished >= kill:
-            os._exit(75)
-    return [results[k] for k in keys]
+    """Run ``fn(*args(key))`` as a Ray task for every shard without a marker; stats of all shards."""
+    done = run_keyed_tasks(ctx, step, keys, marker, fn, args, unit="shards", kill_env=KILL_ENV)
+    return [done[k] for k in keys]
 
 
 def _clusters(config: DedupeConfig, lay: Layout, num_partitions: int, ctx: StageContext,

@@ -16,7 +16,6 @@ so a killed run resumes (skipping marked work) to byte-identical files.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 from pipeline import storage
 from pipeline.errors import SeedlineError
 from pipeline.stage import StageContext
+from stages.common.tasks import run_keyed_tasks
 from stages.tokenize import tokenizer as tk
 from stages.tokenize.config import TokenizeConfig
 from stages.tokenize.encode import EncodeParams, encode_file
@@ -35,11 +35,6 @@ from stages.tokenize.sources import Sources, find_sources, sample_file, split_te
 # Test hook: "encode:N" or "pack:N" makes the driver exit hard (no cleanup) once N tasks of that step
 # have completed in this process, to prove that a killed run resumes to identical output.
 KILL_ENV = "SEEDLINE_TOKENIZE_KILL_AFTER"
-
-
-def _kill_after(step: str) -> int | None:
-    name, _, n = os.environ.get(KILL_ENV, "").partition(":")
-    return int(n) if name == step and n else None
 
 
 def _check_plan(lay: Layout, sources: Sources, ctx: StageContext) -> None:
@@ -58,34 +53,7 @@ def _run_tasks(ctx: StageContext, step: str, keys: list[Hashable], marker: Calla
                fn: Callable[..., dict[str, Any]], args: Callable[[Any], tuple], workers: int,
                ) -> dict[Any, dict[str, Any]]:
     """Run ``fn(*args(key))`` as a Ray task (at most ``workers`` at once) for every key without a marker."""
-    import ray
-
-    results = {}
-    for k in keys:
-        done = storage.read_json_or(marker(k), None)
-        if done is not None:
-            results[k] = done
-    todo = [k for k in keys if k not in results]
-    task = ray.remote(num_cpus=1)(fn)
-    running: dict[Any, Hashable] = {}
-    kill, finished = _kill_after(step), 0
-    ctx.progress.update(step=step, done=len(results), total=len(keys), unit="tasks", force=True)
-    while todo or running:
-        while todo and len(running) < workers:
-            k = todo.pop(0)
-            running[task.remote(*args(k))] = k
-        ready, _ = ray.wait(list(running), num_returns=1)
-        for ref in ready:
-            k = running.pop(ref)
-            try:
-                results[k] = ray.get(ref)
-            except Exception as e:
-                raise RuntimeError(f"tokenize {step} failed on {k}: {e}") from e
-            finished += 1
-        ctx.progress.update(step=step, done=len(results), total=len(keys), unit="tasks")
-        if kill is not None and finished >= kill:
-            os._exit(75)
-    return results
+    return run_keyed_tasks(ctx, step, keys, marker, fn, args, workers=workers, kill_env=KILL_ENV)
 
 
 def _training_texts(config: TokenizeConfig, sources: Sources, ctx: StageContext) -> list[str]:
