@@ -1,0 +1,56 @@
+"""Shared pieces of the sft tests: a small real tokenizer trained by the tokenize stage's own code, and
+synthetic chat records shaped like the demo instruction set."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from stages.tokenize import tokenizer as tk
+from stages.tokenize.config import TrainTokenizer
+
+SYSTEM = "You are a Python documentation assistant."
+WORDS = ["return", "the", "value", "of", "an", "object", "as", "a", "string", "list", "with", "items",
+         "sorted", "by", "key", "and", "raise", "an", "error", "when", "the", "file", "is", "missing",
+         "or", "path", "cannot", "be", "opened", "for", "reading", "in", "binary", "mode"]
+MODULES = ("json", "os", "re", "math", "shutil", "random", "string", "textwrap", "heapq", "bisect")
+
+
+def summary(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+
+
+def records(n: int, seed: int = 0) -> list[dict]:
+    """Mostly ``messages`` (some with a system turn, some multi-turn), some ``prompt``/``completion``."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        name = f"{rng.choice(MODULES)}.f{i}"
+        answer = summary(rng, rng.randint(6, 24))
+        question = f"What does `{name}` do?"
+        kind = i % 5
+        if kind == 4:
+            out.append({"prompt": f"Summarise `{name}`.", "completion": answer})
+            continue
+        msgs = [{"role": "system", "content": SYSTEM}] if kind in (1, 3) else []
+        msgs += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        if kind == 3:  # a second turn
+            msgs += [{"role": "user", "content": "And in one word?"},
+                     {"role": "assistant", "content": rng.choice(WORDS)}]
+        out.append({"messages": msgs})
+    return out
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def train_tokenizer(out_dir: Path, vocab_size: int = 512) -> Path:
+    """A byte-level BPE with the Seedline special tokens and ChatML template (tokenize stage code)."""
+    texts = [SYSTEM] + [json.dumps(r) for r in records(300, seed=99)]
+    tok = tk.train_bpe(texts, TrainTokenizer(vocab_size=vocab_size, min_frequency=2))
+    tk.save(tok, str(out_dir), 256)
+    return out_dir
