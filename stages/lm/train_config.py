@@ -1,0 +1,87 @@
+"""Config pieces shared by the training stages (pretrain, sft, dpo); torch-free.
+
+Each training stage's config has the fields ``train``, ``scaling``, ``deepspeed``, ``checkpoint`` and
+``eval`` of these types (the stage picks its defaults) plus its own data fields. See
+``stages/lm/trainer.py`` for how ``fit`` uses them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.stage import StrictModel
+
+
+class TrainConfig(StrictModel):
+    """The optimisation: ``steps`` optimizer steps of ``micro_batch * grad_accum * num_workers`` rows,
+    AdamW with linear warmup over ``warmup`` steps, then cosine decay from ``lr`` to ``min_lr``."""
+
+    steps: int = Field(1000, gt=0)
+    micro_batch: int = Field(8, gt=0, description="rows per worker per forward/backward")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    min_lr: float = Field(3e-5, ge=0)
+    warmup: int = Field(100, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    clip: float = Field(1.0, gt=0, description="gradient clipping: max global L2 norm")
+    seed: int = 0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    nan_policy: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss stops training (naming the step) or skips that micro-batch")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.warmup > self.steps:
+            raise ValueError(f"warmup ({self.warmup}) must not exceed steps ({self.steps})")
+        for b in self.betas:
+            if not 0 <= b < 1:
+                raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+        return self
+
+
+class ScalingConfig(StrictModel):
+    """Where the workers run (Ray Train ``ScalingConfig`` and ``FailureConfig``)."""
+
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, gt=0)
+    max_failures: int = Field(3, ge=0, description="worker-group restarts before the stage fails")
+    peak_flops: float | None = Field(
+        None, gt=0, description="per-device peak FLOP/s for MFU when the device is not in the built-in "
+                                "table (e.g. a CPU); None = no MFU on unknown devices")
+
+
+class DeepSpeedSpec(StrictModel):
+    """The DeepSpeed engine: ZeRO stage, CPU offload, activation checkpointing, ``torch.compile``, and raw
+    DeepSpeed keys deep-merged into the generated config last (``extra``)."""
+
+    zero_stage: int = Field(2, ge=0, le=3)
+    offload: bool = Field(False, description="offload optimizer state (and ZeRO-3 parameters) to CPU")
+    activation_checkpointing: bool = False
+    compile: bool = False
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> DeepSpeedSpec:
+        if self.offload and self.zero_stage == 0:
+            raise ValueError("offload needs zero_stage >= 1")
+        return self
+
+
+class CheckpointConfig(StrictModel):
+    """Save every ``every`` optimizer steps (and at the end); keep the newest ``keep`` complete ones."""
+
+    every: int = Field(500, gt=0)
+    keep: int = Field(2, ge=1)
+
+
+class EvalConfig(StrictModel):
+    """Validation every ``every`` steps (0 = only at the end) over ``batches`` micro-batches per worker."""
+
+    every: int = Field(0, ge=0)
+    batches: int = Field(8, gt=0)

@@ -1,0 +1,319 @@
+"""The training loop that runs inside each Ray Train worker (see ``stages/lm/trainer.py`` for the driver).
+
+One call of ``train_loop`` = one worker-group attempt: seed, build the model, wrap it in a DeepSpeed
+engine, resume from the newest complete checkpoint, then for each optimizer step run ``grad_accum``
+micro-batches, validate and checkpoint on schedule, and finally export the consolidated weights.
+A restarted attempt (Ray Train's ``FailureConfig``) simply calls it again and resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.lm import checkpoint as ckpt
+from stages.lm.ds_config import ds_config, lr_at, lr_factor
+from stages.lm.flops import flops_per_token, mfu
+from stages.lm.train_metrics import MetricsSink, mean_over_ranks
+
+ERROR_FILE = "train_error.json"
+RESULT_FILE = "fit_result.json"
+
+
+class NonFiniteLoss(Exception):
+    """A NaN/inf loss or gradient norm at ``step`` (1-based optimizer step)."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"non-finite {what} at step {step}; stopped before updating a checkpoint "
+                         f"(newest checkpoint is unaffected). Lower train.lr or set train.nan_policy: skip")
+        self.step = step
+
+
+@dataclass
+class WorkerEnv:
+    rank: int
+    world: int
+    device: Any
+    out: Path
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+
+def seed_all(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _setup(lc: dict[str, Any]) -> WorkerEnv:
+    """Process-wide settings; must run before deepspeed is imported."""
+    scaling = lc["scaling"]
+    os.environ["DS_ACCELERATOR"] = "cuda" if scaling.use_gpu else "cpu"
+    import ray.train
+    import torch
+
+    torch.set_num_threads(scaling.cpus_per_worker)
+    if not scaling.use_gpu:
+        torch.use_deterministic_algorithms(True)
+    tc = ray.train.get_context()
+    if scaling.use_gpu:
+        import ray.train.torch as rtt
+
+        device = rtt.get_device()
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return WorkerEnv(tc.get_world_rank(), tc.get_world_size(), device, Path(lc["out_dir"]))
+
+
+def _param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only (not norms), as is standard for LLaMA-style models."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+
+
+def _engine(lc: dict[str, Any], env: WorkerEnv):
+    import deepspeed
+    import torch
+
+    train, spec, scaling = lc["train"], lc["deepspeed"], lc["scaling"]
+    deepspeed.init_distributed(dist_backend="nccl" if scaling.use_gpu else "gloo")
+    seed_all(train.seed)  # identical initial weights on every rank
+    model = lc["task"].build_model()
+    model.activation_checkpointing = spec.activation_checkpointing
+    seed_all(train.seed + 7919 * env.rank)  # per-rank streams for anything random in the task
+    groups = _param_groups(model, train.weight_decay)
+    config = ds_config(train, spec, env.world, scaling.use_gpu)
+    kwargs: dict[str, Any] = {"model": model, "config": config}
+    if "optimizer" in config:  # DeepSpeed's optimizer (GPU): it builds it from the param groups
+        kwargs |= {"model_parameters": groups,
+                   "lr_scheduler": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(train))}
+    else:
+        opt = torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, eps=train.eps, foreach=False)
+        kwargs |= {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(train))}
+    engine, *_ = deepspeed.initialize(**kwargs)
+    if spec.compile:
+        engine.compile()
+    return engine
+
+
+def _resume(engine, loader, env: WorkerEnv) -> dict[str, Any]:
+    """Load the newest complete checkpoint (if any) into the engine, loader and RNGs."""
+    import torch.distributed as dist
+
+    if env.rank == 0:
+        ckpt.remove_incomplete(env.ckpt_root)
+    dist.barrier()
+    found = ckpt.newest_complete(env.ckpt_root)
+    if found is None:
+        return {"step": 0, "tokens": 0, "consumed_samples": 0}
+    step, path = found
+    marker = ckpt.read_marker(path)
+    if marker["world_size"] != env.world:
+        raise RuntimeError(f"{path} was written by {marker['world_size']} workers, this run has {env.world}: "
+                           "DeepSpeed ZeRO checkpoints resume on the same worker count")
+    loaded, client = engine.load_checkpoint(str(env.ckpt_root), tag=path.name, load_optimizer_states=True,
+                                            load_lr_scheduler_states=True)
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+    loader.load_state_dict(client["loader"])
+    ckpt.load_rng(path, env.rank)
+    return {k: client[k] for k in ("step", "tokens", "consumed_samples")}
+
+
+def _all_finite(value, device) -> bool:
+    """Whether ``value`` is finite on every rank (one all-reduce, so all ranks decide alike)."""
+    import torch
+    import torch.distributed as dist
+
+    bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=device)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0.0
+
+
+def _grad_norm(engine) -> float:
+    """Global gradient norm of the step just taken (ZeRO-0 does not record it: computed from the grads)."""
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+def _local_grad_norm(model) -> float:
+    import torch
+
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def _train_step(engine, loader, lc: dict[str, Any], env: WorkerEnv, step: int
+                ) -> tuple[dict[str, float], int, int]:
+    """One optimizer step (1-based ``step``) of ``grad_accum`` micro-batches. Returns (metrics averaged over
+    micro-batches and ranks, this rank's tokens, the batches' sequence length)."""
+    task, train = lc["task"], lc["train"]
+    sums: dict[str, float] = {}
+    tokens = skipped = done = 0
+    gn0 = None
+    while done < train.grad_accum:
+        batch = _to_device(next(loader), env.device)
+        loss, extra = task.loss(engine, batch)
+        if not _all_finite(loss.detach(), env.device):
+            if train.nan_policy == "stop":
+                raise NonFiniteLoss(step, "loss")
+            skipped += 1
+            if skipped > 10 * train.grad_accum:
+                raise NonFiniteLoss(step, f"loss in {skipped} consecutive micro-batches")
+            continue
+        engine.backward(loss)
+        if done == train.grad_accum - 1 and lc["deepspeed"].zero_stage == 0:
+            gn0 = _local_grad_norm(engine.module)  # grads are all-reduced at the boundary's backward
+        engine.step()
+        done += 1
+        tokens += task.tokens(batch)
+        for k, v in {"loss": loss, **extra}.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+    gn = gn0 if gn0 is not None else _grad_norm(engine)
+    metrics = mean_over_ranks({k: v / train.grad_accum for k, v in sums.items()}, env.device)
+    if not np.isfinite(gn):
+        raise NonFiniteLoss(step, "gradient norm")
+    metrics |= {"lr": lr_at(train, step - 1), "grad_norm": gn}
+    if skipped:
+        metrics["skipped_batches"] = float(skipped)
+    return metrics, tokens, int(batch["input_ids"].shape[1])
+
+
+def _evaluate(engine, lc: dict[str, Any], env: WorkerEnv) -> dict[str, float]:
+    """Mean validation loss (and extras) over ``eval.batches`` micro-batches per rank."""
+    import torch
+
+    task, ev = lc["task"], lc["eval"]
+    sums: dict[str, float] = {}
+    n = 0
+    engine.eval()
+    with torch.no_grad():
+        for batch in task.val_batches(env.rank, env.world, lc["train"].micro_batch, ev.batches):
+            loss, extra = task.loss(engine, _to_device(batch, env.device))
+            for k, v in {"loss": loss, **extra}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+    engine.train()
+    if n == 0:
+        raise RuntimeError("val_batches yielded no batch")
+    means = mean_over_ranks({k: v / n for k, v in sums.items()}, env.device)
+    return {f"eval_{k}": v for k, v in means.items()}
+
+
+def _save(engine, loader, env: WorkerEnv, state: dict[str, Any], keep: int) -> None:
+    import torch.distributed as dist
+
+    tag = f"step-{state['step']}"
+    client = {**state, "loader": loader.state_dict()}
+    engine.save_checkpoint(str(env.ckpt_root), tag=tag, client_state=client, save_latest=False)
+    ckpt.save_rng(env.ckpt_root / tag, env.rank)
+    dist.barrier()  # every rank's shard is on disk
+    if env.rank == 0:
+        ckpt.write_marker(env.ckpt_root / tag, {"step": state["step"], "world_size": env.world,
+                                                "tokens": state["tokens"]})
+        ckpt.prune(env.ckpt_root, keep)
+    dist.barrier()
+
+
+def _export(engine, lc: dict[str, Any], env: WorkerEnv) -> None:
+    """Consolidated weights to ``<out>/model`` (rank 0 writes; ZeRO-3 gathers the shards first)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from stages.lm.hf import export_hf
+
+    def write():
+        if env.rank == 0:
+            export_hf(engine.module, lc["task"].tokenizer_dir, str(env.out / "model"))
+
+    if lc["deepspeed"].zero_stage == 3:
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            write()
+    else:
+        write()
+    dist.barrier()
+
+
+def _hooks(lc: dict[str, Any], env: WorkerEnv, step: int) -> None:
+    """Test hooks: kill one worker once at a step (Ray Train replaces it)."""
+    fail_at = lc["hooks"].get("fail_worker_at")
+    if fail_at == step and env.rank == min(1, env.world - 1):
+        flag = env.out / f"failed-worker-at-{step}"
+        if not flag.exists():
+            flag.write_text("rank died here on purpose (SEEDLINE_TRAIN_FAIL_WORKER_AT_STEP)\n")
+            os._exit(1)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def train_loop(lc: dict[str, Any]) -> None:
+    """Ray Train worker entry point; ``lc`` is built by ``trainer.fit``."""
+    env = _setup(lc)
+    import torch.distributed as dist
+
+    task, train, ev, ck = lc["task"], lc["train"], lc["eval"], lc["checkpoint"]
+    engine = _engine(lc, env)
+    loader = task.train_loader(env.rank, env.world, train.micro_batch, train.seed)
+    state = _resume(engine, loader, env)
+    sink = None
+    if env.rank == 0:
+        sink = MetricsSink(env.out, state["step"], train.steps, lc["log_every"], lc["tracker_spec"],
+                           lc["progress"])
+    peak = lc["peak_flops"]
+    try:
+        while state["step"] < train.steps:
+            step = state["step"] + 1
+            t0 = time.perf_counter()
+            metrics, tokens, seq_len = _train_step(engine, loader, lc, env, step)
+            dt = time.perf_counter() - t0
+            state["step"] = step
+            state["tokens"] += tokens * env.world
+            state["consumed_samples"] += train.micro_batch * train.grad_accum * env.world
+            tps = tokens * env.world / dt
+            perf = {"tokens_per_s": tps, "step_time_s": dt}
+            if peak:
+                perf["mfu"] = mfu(tps / env.world, flops_per_token(engine.module.cfg, seq_len), peak)
+            if sink:
+                sink.train_step(step, metrics, perf, state["tokens"])
+            _hooks(lc, env, step)
+            if (ev.every and step % ev.every == 0) or step == train.steps:
+                evm = _evaluate(engine, lc, env)
+                if sink:
+                    sink.eval(step, evm)
+            if step % ck.every == 0 or step == train.steps:
+                _save(engine, loader, env, state, ck.keep)
+                if lc["hooks"].get("kill_at") == step:
+                    time.sleep(3600)  # the driver exits hard now (SEEDLINE_TRAIN_KILL_AT_STEP)
+    except NonFiniteLoss as e:
+        if env.rank == 0:
+            _write_json(env.out / ERROR_FILE, {"step": e.step, "message": str(e)})
+        if sink:
+            sink.close()
+        dist.barrier()
+        return
+    if sink:
+        sink.close()
+    _export(engine, lc, env)
+    if env.rank == 0:
+        _write_json(env.out / RESULT_FILE, {"steps": state["step"], "tokens": state["tokens"]})

@@ -1,0 +1,178 @@
+"""The shared trainer: pretrain, sft and dpo differ only in their ``TrainTask`` (data and loss).
+
+``fit(task, cfg, ctx)`` runs a Ray Train V2 ``TorchTrainer``: ``cfg.scaling.num_workers`` workers, each
+running ``stages.lm.train_worker.train_loop`` (DeepSpeed ZeRO engine, checkpoints, resume, metrics,
+export). The driver only starts the workers and reads what they wrote:
+
+- ``<out>/checkpoints/step-<N>/``: DeepSpeed checkpoints with the trainer's client state and RNG states,
+  ``complete.json`` last (``stages/lm/checkpoint.py``); the newest complete one is resumed from, by a
+  re-run of the stage or by Ray Train after a worker dies (``FailureConfig(max_failures)``);
+- ``<out>/metrics.jsonl`` (deterministic values) and ``<out>/perf.jsonl`` (timing), see
+  ``stages/lm/train_metrics.py``; the same metrics go to the stage's MLflow run from rank 0;
+- ``<out>/model/``: the final weights as a ``LlamaForCausalLM`` directory (``stages.lm.hf.export_hf``).
+
+Checkpoints are written by every worker into the output directory, so it must be a local or shared
+filesystem path (not an object-store URL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import SeedlineError
+from pipeline.stage import StageContext
+from stages.lm.train_worker import ERROR_FILE, RESULT_FILE, train_loop
+
+KILL_ENV = "SEEDLINE_TRAIN_KILL_AT_STEP"
+FAIL_WORKER_ENV = "SEEDLINE_TRAIN_FAIL_WORKER_AT_STEP"
+
+
+class TrainTask(ABC):
+    """What a training stage supplies to ``fit``. Subclasses must be picklable (plain attributes: configs,
+    paths); every method runs inside the Ray Train workers."""
+
+    tokenizer_dir: str  # copied into model/ by export_hf at the end
+
+    @abstractmethod
+    def build_model(self):
+        """The ``CausalLM`` to train (called with the same torch seed on every rank)."""
+
+    @abstractmethod
+    def train_loader(self, rank: int, world_size: int, micro_batch: int, seed: int):
+        """Endless iterator of batch dicts for this rank, with ``state_dict()`` / ``load_state_dict()``
+        for exact resume."""
+
+    @abstractmethod
+    def val_batches(self, rank: int, world_size: int, micro_batch: int, limit: int) -> Iterable[dict]:
+        """Validation batches, deterministic, at most ``limit``, and the same count on every rank (ZeRO-3
+        gathers parameters collectively in every forward)."""
+
+    @abstractmethod
+    def loss(self, model, batch: dict):
+        """(scalar loss to backprop, extra scalar metrics by name); ``model`` is the DeepSpeed engine
+        (call it like the ``CausalLM``: ``model(**batch)``)."""
+
+    def tokens(self, batch: dict) -> int:
+        """Tokens processed in ``batch`` (for tokens/s and MFU)."""
+        return int(batch["input_ids"].numel())
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` produced: optimizer steps done, the last value of every metric, the exported model
+    directory and the checkpoint directory."""
+
+    steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    model_dir: str = ""
+    checkpoint_dir: str = ""
+
+
+def final_metrics(metrics_path: Path) -> dict[str, float]:
+    """The last value of every metric in ``metrics.jsonl``."""
+    out: dict[str, float] = {}
+    if metrics_path.is_file():
+        for line in metrics_path.read_text().splitlines():
+            if line:
+                out |= {k: v for k, v in json.loads(line).items() if k != "step"}
+    return out
+
+
+def _peak_flops(scaling) -> float | None:
+    """Per-device peak FLOP/s: the configured one, else the table's entry for the local GPU."""
+    if scaling.peak_flops:
+        return scaling.peak_flops
+    if not scaling.use_gpu:
+        return None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            from stages.lm.flops import peak_flops
+
+            return peak_flops(torch.cuda.get_device_name())
+    except ImportError:
+        return None
+    return None
+
+
+def _watch_for_kill(ckpt_dir: Path, step: int) -> None:
+    """Test hook: exit this process hard once the checkpoint of ``step`` is complete."""
+    marker = ckpt_dir / f"step-{step}" / "complete.json"
+    existed = marker.exists()
+
+    def watch():
+        while True:
+            if marker.exists() and not existed:
+                os._exit(137)
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, name="seedline-kill-hook", daemon=True).start()
+
+
+def _hooks() -> dict[str, int]:
+    hooks = {}
+    for key, env in (("kill_at", KILL_ENV), ("fail_worker_at", FAIL_WORKER_ENV)):
+        if os.environ.get(env):
+            hooks[key] = int(os.environ[env])
+    return hooks
+
+
+def fit(task: TrainTask, cfg: Any, ctx: StageContext) -> FitResult:
+    """Train ``task`` with ``cfg`` (``.train .scaling .deepspeed .checkpoint .eval``, optional
+    ``.log_every``), resuming from ``<ctx.out_dir>/checkpoints``; see the module docstring."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if "://" in ctx.out_dir:
+        raise SeedlineError(f"{ctx.out_dir}: training writes DeepSpeed checkpoints from every worker and "
+                            "needs a local or shared filesystem workdir, not an object-store URL")
+    out = Path(ctx.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (ERROR_FILE, RESULT_FILE):
+        (out / name).unlink(missing_ok=True)
+    hooks = _hooks()
+    if "kill_at" in hooks:
+        _watch_for_kill(out / "checkpoints", hooks["kill_at"])
+    ctx.init_ray()
+    sc = cfg.scaling
+    loop_config = {
+        "task": task, "train": cfg.train, "scaling": sc, "deepspeed": cfg.deepspeed,
+        "checkpoint": cfg.checkpoint, "eval": cfg.eval, "log_every": getattr(cfg, "log_every", 10),
+        "out_dir": str(out), "tracker_spec": ctx.tracker.spec(), "progress": ctx.progress, "hooks": hooks,
+        "peak_flops": _peak_flops(sc),
+    }
+    resources = {"CPU": sc.cpus_per_worker} | ({"GPU": 1} if sc.use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=f"train-{ctx.name}", storage_path=str(out / "ray"),
+                                       failure_config=ray.train.FailureConfig(max_failures=sc.max_failures)),
+    )
+    ctx.logger.info("%s: training %d steps on %d worker(s), ZeRO-%d", ctx.name, cfg.train.steps,
+                    sc.num_workers, cfg.deepspeed.zero_stage)
+    try:
+        trainer.fit()
+    except Exception as e:
+        raise SeedlineError(f"{ctx.name}: training failed: {e}") from e
+    if (out / ERROR_FILE).is_file():
+        err = json.loads((out / ERROR_FILE).read_text())
+        raise SeedlineError(f"{ctx.name}: {err['message']}")
+    if not (out / RESULT_FILE).is_file():
+        raise SeedlineError(f"{ctx.name}: the workers finished without writing {RESULT_FILE}")
+    result = json.loads((out / RESULT_FILE).read_text())
+    metrics = final_metrics(out / "metrics.jsonl")
+    ctx.tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=result["steps"])
+    return FitResult(steps=result["steps"], metrics=metrics, model_dir=str(out / "model"),
+                     checkpoint_dir=str(out / "checkpoints"))

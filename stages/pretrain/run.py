@@ -1,0 +1,30 @@
+"""The pretrain stage: build the task from the tokenize stage's output and run the shared trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline import storage
+from pipeline.errors import SeedlineError
+from pipeline.stage import StageContext
+from stages.lm.trainer import FitResult, fit
+from stages.pretrain.config import PretrainConfig
+from stages.pretrain.task import PretrainTask
+
+
+def run(config: PretrainConfig, ctx: StageContext) -> FitResult:
+    """Train on ``<tokenize out>/train``, validate on ``val``, export ``<out>/model``."""
+    data_dir = ctx.upstream["tokenize"].out_dir
+    if "://" in data_dir:
+        raise SeedlineError(f"{data_dir}: pretrain memory-maps the tokenized shards; the tokenize output "
+                            "must be on a local or shared filesystem")
+    if not (Path(data_dir) / "manifest.json").is_file():
+        raise SeedlineError(f"{data_dir}: no manifest.json; has the tokenize stage finished?")
+    task = PretrainTask(data_dir, config.model, doc_mask=config.doc_mask)
+    ctx.tracker.log_params({"model_resolved": task.model_config.model_dump(mode="json")})
+    result = fit(task, config, ctx)
+    storage.write_json(ctx.path("stats.json"), {"steps": result.steps, "metrics": result.metrics,
+                                                "model": task.model_config.model_dump(mode="json")})
+    ctx.logger.info("pretrain: %d steps, final loss %.4f, model in %s", result.steps,
+                    result.metrics.get("loss", float("nan")), result.model_dir)
+    return result
