@@ -1,0 +1,68 @@
+"""Configuration of the dpo stage (torch-free: loaded when configs are validated)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from pipeline.errors import ConfigError
+from pipeline.stage import StrictModel, volatile
+from stages.lm.train_config import CheckpointConfig, DeepSpeedSpec, EvalConfig, ScalingConfig, TrainConfig
+
+
+class DPOConfig(StrictModel):
+    """Direct preference optimisation of the sft model against a frozen copy of itself.
+
+    The policy and the reference start from the sft stage's ``model/`` (or ``init_from``, a Hugging Face
+    Llama directory, only without an sft stage); the tokenizer is that model directory's (else the
+    tokenize stage's). ``train.micro_batch`` counts pairs: each micro-batch is one forward pass over
+    2 x micro_batch sequences (chosen and rejected). Results depend only on the non-volatile fields.
+    """
+
+    data: str | list[str] = Field(
+        description="glob(s) of JSONL (.gz/.zst) or Parquet files with prompt/chosen/rejected (TRL format)")
+    val: str | list[str] | None = Field(
+        None, description="held-out pairs, glob(s); default: val_fraction of the data (by content hash)")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share held out when `val` is not set")
+    max_len: int = Field(1024, ge=8, le=1 << 20, description="tokens per sequence (prompt + completion)")
+    max_prompt_len: int = Field(512, ge=1, description="prompt tokens kept (the end of a longer prompt)")
+    beta: float = Field(0.1, gt=0, description="strength of the KL penalty towards the reference")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="conservative DPO (sigmoid loss only)")
+    reference: Literal["precompute", "in_memory"] = Field(
+        "precompute", description="reference log-probs from a first pass over the data (one model in "
+                                  "training), or a frozen reference model kept in memory; same results")
+    init_from: str | None = Field(None, description="a Hugging Face model directory to start from "
+                                                    "(only without an sft stage)")
+    train: TrainConfig = TrainConfig(steps=500, micro_batch=4, lr=5e-7, min_lr=0.0, warmup=10,
+                                     weight_decay=0.0)
+    scaling: ScalingConfig = ScalingConfig()
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig(every=100, batches=16)
+    log_every: int = volatile(10, ge=1, description="training metrics to MLflow every this many steps")
+
+    @model_validator(mode="after")
+    def _check(self) -> DPOConfig:
+        for name in ("data", "val"):
+            if isinstance(getattr(self, name), list) and not getattr(self, name):
+                raise ValueError(f"{name} must name at least one glob")
+        if self.max_prompt_len >= self.max_len:
+            raise ValueError(f"max_prompt_len ({self.max_prompt_len}) must be below max_len ({self.max_len}) "
+                             "to leave room for the completion")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"label_smoothing applies to the sigmoid loss only, not {self.loss_type!r}")
+        return self
+
+
+def check(config: BaseModel, present: set[str]) -> None:
+    """Cross-stage rule: the model comes from the sft stage or from ``init_from``, never both."""
+    init_from = getattr(config, "init_from", None)
+    if "sft" in present and init_from:
+        raise ConfigError("stages.dpo.init_from",
+                          "the pipeline has an sft stage and dpo starts from its model; remove "
+                          "stages.dpo.init_from (or remove the sft stage)")
+    if "sft" not in present and not init_from:
+        raise ConfigError("stages.dpo.init_from",
+                          "required when the pipeline has no sft stage: a Hugging Face model directory")
