@@ -1,0 +1,57 @@
+"""``results.md``: the models side by side, one row per metric, the best value of each row in bold."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte")
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric in LOWER_IS_BETTER
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "–"
+    if math.isnan(v):
+        return "nan"
+    return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
+
+
+def results_markdown(
+    models: dict[str, dict[str, float]], counts: dict[str, Any], registered: dict[str, Any] | None = None
+) -> str:
+    """The comparison table plus what was scored and what was registered."""
+    stages = list(models)
+    metrics: list[str] = []
+    for vals in models.values():
+        metrics += [m for m in vals if m not in metrics]
+    lines = ["# Evaluation", "", "| metric | " + " | ".join(stages) + " |", "|---|" + "---:|" * len(stages)]
+    for m in metrics:
+        vals = [models[s].get(m) for s in stages]
+        real = [v for v in vals if v is not None and not math.isnan(v)]
+        best = (min(real) if lower_is_better(m) else max(real)) if len(real) > 1 else None
+        cells = [f"**{_fmt(v)}**" if best is not None and v == best else _fmt(v) for v in vals]
+        arrow = "↓" if lower_is_better(m) else "↑"
+        lines.append(f"| {m} {arrow} | " + " | ".join(cells) + " |")
+    lines += ["", "Scored: " + ", ".join(f"{k} {v}" for k, v in _flat(counts).items()) + "."]
+    if registered:
+        lines += [
+            "",
+            f"Registered: `{registered['uri']}` (version {registered['version']}) = the "
+            f"{registered['stage']} model, best by {registered['metric']} "
+            f"({_fmt(registered['value'])}).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _flat(counts: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in counts.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k} "))
+        elif v is not None:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,368 @@
+"""The evaluate stage end to end on real tiny models: real tokenize output, Ray tasks, MLflow SQLite registry.
+
+Every number is checked against an independent computation with ``transformers``' ``LlamaForCausalLM``
+loaded from the exported model directories.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from eval_helpers import (
+    context,
+    documents,
+    export_stage,
+    mc_examples,
+    tiny_model,
+    train_a_little,
+    write_corpus,
+    write_dpo_pairs,
+    write_mc_task,
+)
+
+from pipeline.stage import Upstream
+from stages.evaluate.config import EvaluateConfig
+from stages.evaluate.run import run
+from stages.lm.data import PackedDataset
+from stages.tokenize.config import TokenizeConfig
+
+BETA = 0.5
+PAIRS = [
+    ("What does json.dumps do?", "Serialize an object to a JSON string.", "Return the list of lines."),
+    ("What does os.getcwd do?", "Return the current working directory.", "Open a file for reading."),
+    ("What does len do?", "Return the number of items in a container.", "Sleep for some seconds."),
+    ("Summarise str.split.", "Split a string into a list of words.", "Compute a hash of the data."),
+]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    from pipeline.ray_init import init_ray
+
+    init_ray(None, 2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, ray_session):
+    """tokenize (real stage) -> pretrain (trained a little), sft, dpo (random) -> evaluate, with MLflow."""
+    from mlflow.tracking import MlflowClient
+    from tokenizers import Tokenizer
+
+    from pipeline.tracking import PipelineTracking
+    from stages.tokenize.run import run as tokenize_run
+
+    root = tmp_path_factory.mktemp("evaluate")
+    corpus = write_corpus(root / "corpus.jsonl", documents(120))
+    tok_cfg = TokenizeConfig(
+        input=str(corpus),
+        id_field="id",
+        seq_len=48,
+        val_fraction=0.25,
+        rows_per_shard=4,
+        tokenizer={"train": {"vocab_size": 320, "sample_docs": 120}},
+    )
+    tok_dir = root / "tokenize"
+    tokenize_run(tok_cfg, context(tok_dir, root, {}))
+    manifest = json.loads((tok_dir / "manifest.json").read_text())
+    vocab = manifest["vocab_size"]
+    models = {
+        "pretrain": train_a_little(tiny_model(vocab, 0), tok_dir, 40),
+        "sft": tiny_model(vocab, 1),
+        "dpo": tiny_model(vocab, 2),
+    }
+    for stage, model in models.items():
+        export_stage(root, stage, model, tok_dir / "tokenizer")
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer" / "tokenizer.json"))
+    write_dpo_pairs(root / "dpo", tok, PAIRS)
+    mc = write_mc_task(
+        root / "mc.jsonl",
+        mc_examples(6),
+        bad_lines=['{"context": "x", "choices": [" a"], "gold": 0}', "not json"],
+    )
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p, _, _ in PAIRS[:3]) + "\n{}\n")
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("evaltest", artifact_location=str(root / "artifacts"))
+    tracking = PipelineTracking(uri, "evaltest")
+    parent = tracking.parent(None, "evaltest", {})
+    tracker = tracking.child(parent, None, "evaluate", {})
+    upstream = {"tokenize": Upstream("tokenize", str(tok_dir), "tokfp", tok_cfg.model_dump(mode="json"))}
+    for stage in models:
+        upstream[stage] = Upstream(
+            stage, str(root / stage), f"{stage}fp", {"beta": BETA} if stage == "dpo" else {}
+        )
+    config = EvaluateConfig(
+        perplexity={"enabled": True, "batches": 0},
+        tasks=[
+            {"name": "mc", "path": str(mc)},
+            {"name": "mc3", "path": str(mc), "num_fewshot": 2, "limit": 4},
+        ],
+        prompts=str(prompts),
+        max_new_tokens=6,
+        batch_size=3,
+        registry={"name": "tiny-lm", "metric": "perplexity", "mode": "min"},
+    )
+    ctx = context(root / "out", root, upstream, tracker)
+    results = run(config, ctx)
+    tracker.close("FINISHED")
+    return {
+        "root": root,
+        "out": root / "out",
+        "tok_dir": tok_dir,
+        "results": results,
+        "config": config,
+        "ctx": ctx,
+        "uri": uri,
+        "tok": tok,
+        "mc": mc,
+        "upstream": upstream,
+        "tracker": tracker,
+    }
+
+
+def _hf(path):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def _logprobs(hf, ids: list[int]) -> torch.Tensor:
+    """(len(ids) - 1,) log p(ids[t] | ids[:t]) for t >= 1, computed with transformers."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids[:-1]])).logits[0].double()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+
+
+def test_results_cover_every_model_and_metric(setup):
+    results = setup["results"]
+    assert list(results["models"]) == ["pretrain", "sft", "dpo"]
+    for stage, m in results["models"].items():
+        for key in (
+            "loss",
+            "perplexity",
+            "bits_per_byte",
+            "mc/acc",
+            "mc/acc_norm",
+            "mc3/acc",
+            "mc3/acc_norm",
+            "pref_logp_accuracy",
+        ):
+            assert key in m and math.isfinite(m[key]), (stage, key)
+    assert set(results["models"]["dpo"]) >= {"pref_accuracy", "pref_margin"}
+    assert "pref_accuracy" not in results["models"]["sft"]
+    # the model trained a little beats the random ones
+    assert results["models"]["pretrain"]["perplexity"] < results["models"]["sft"]["perplexity"]
+    # quarantined, counted, with reasons; nothing bad is fatal
+    assert results["rejects"] == {"mc": 2, "mc3": 2, "prompts": 1}
+    rejects = [json.loads(x) for x in (setup["out"] / "rejects" / "mc.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in rejects] == [7, 8] and "at least two" in rejects[0]["reason"]
+    assert results["counts"]["tasks"] == {"mc": 6, "mc3": 4}
+    md = (setup["out"] / "results.md").read_text()
+    assert "| metric | pretrain | sft | dpo |" in md and "mc/acc_norm" in md and "tiny-lm@candidate" in md
+
+
+def test_perplexity_and_bits_per_byte_equal_a_direct_computation(setup):
+    tok, tok_dir = setup["tok"], setup["tok_dir"]
+    data = PackedDataset(tok_dir, "val")
+    special = set(data.special_token_ids.values())
+    # The val stream, rebuilt from the rows (they overlap by one token), decoded into its documents.
+    stream: list[int] = []
+    for i in range(len(data)):
+        row, n, _ = data.row(i)
+        stream += [int(t) for t in row[:n]][(1 if stream else 0) :]
+    eot = data.special_token_ids["eot"]
+    docs = tok.decode(stream, skip_special_tokens=False).split("<|endoftext|>")[:-1]
+    text_bytes = sum(len(d.encode("utf-8")) for d in docs) - len(tok.decode(stream[:1]).encode("utf-8"))
+    assert any(len(d.encode()) != len(d) for d in docs)  # multi-byte characters are in the split
+
+    for stage in ("pretrain", "dpo"):
+        hf = _hf(setup["root"] / stage / "model")
+        nll, n, nll_text = 0.0, 0, 0.0
+        for i in range(len(data)):  # each document segment of each row on its own, positions from 0
+            row, length, starts = data.row(i)
+            bounds = sorted({0, *[int(s) for s in starts]}) + [length - 1]
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                if b <= a:
+                    continue
+                lp = _logprobs(hf, [int(t) for t in row[a : b + 1]])
+                targets = [int(t) for t in row[a + 1 : b + 1]]
+                nll -= float(lp.sum())
+                n += len(targets)
+                nll_text -= float(
+                    sum(v for v, t in zip(lp.tolist(), targets, strict=True) if t not in special)
+                )
+        got = setup["results"]["models"][stage]
+        assert n == len(stream) - 1 and stream.count(eot) == len(docs)
+        assert got["loss"] == pytest.approx(nll / n, rel=1e-5)
+        assert got["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+        assert got["bits_per_byte"] == pytest.approx(nll_text / text_bytes / math.log(2), rel=1e-5)
+    assert setup["results"]["counts"]["perplexity"]["bytes"] == text_bytes
+
+
+def test_multiple_choice_matches_a_direct_computation(setup):
+    from stages.evaluate.multiple_choice import encode_pair, fewshot_context, load_task
+
+    task = setup["config"].tasks[1]
+    examples, _ = load_task(task)
+    for stage in ("pretrain", "sft"):
+        hf = _hf(setup["root"] / stage / "model")
+        for t in setup["config"].tasks:
+            acc = acc_norm = 0
+            scored = examples[: t.limit] if t.limit else examples
+            for i, ex in enumerate(scored):
+                ctx = fewshot_context(examples, i, t.num_fewshot, t.seed)
+                lls = []
+                for choice in ex.choices:
+                    c, k = encode_pair(setup["tok"], ctx, choice)
+                    lls.append(float(_logprobs(hf, c + k)[-len(k) :].sum()))
+                acc += int(np.argmax(lls) == ex.gold)
+                acc_norm += int(
+                    np.argmax([ll / len(ch) for ll, ch in zip(lls, ex.choices, strict=True)]) == ex.gold
+                )
+            got = setup["results"]["models"][stage]
+            assert got[f"{t.name}/acc"] == pytest.approx(acc / len(scored))
+            assert got[f"{t.name}/acc_norm"] == pytest.approx(acc_norm / len(scored))
+
+
+def test_preference_metrics_match_a_direct_computation(setup):
+    from stages.evaluate.preference import load_requests
+
+    reqs = load_requests(str(setup["root"] / "dpo"), None)
+    logps = {}
+    for stage in ("sft", "dpo"):
+        hf = _hf(setup["root"] / stage / "model")
+        logps[stage] = np.array(
+            [float((_logprobs(hf, ids) * torch.tensor(mask[1:])).sum()) for ids, mask in reqs]
+        )
+    reward = BETA * (logps["dpo"] - logps["sft"]).reshape(-1, 2)
+    got = setup["results"]["models"]
+    assert got["dpo"]["pref_accuracy"] == pytest.approx(float(np.mean(reward[:, 0] > reward[:, 1])))
+    assert got["dpo"]["pref_margin"] == pytest.approx(float(np.mean(reward[:, 0] - reward[:, 1])), rel=1e-5)
+    sft = logps["sft"].reshape(-1, 2)
+    assert got["sft"]["pref_logp_accuracy"] == pytest.approx(float(np.mean(sft[:, 0] > sft[:, 1])))
+
+
+def test_generations_are_greedy_and_saved(setup):
+    lines = [json.loads(x) for x in (setup["out"] / "generations.jsonl").read_text().splitlines()]
+    assert [(g["model"], g["index"]) for g in lines] == [
+        (s, i) for s in ("pretrain", "sft", "dpo") for i in range(3)
+    ]
+    assert [g["chat"] for g in lines[::3]] == [False, True, True]
+    hf = _hf(setup["root"] / "pretrain" / "model")
+    ids = setup["tok"].encode(lines[0]["prompt"], add_special_tokens=False).ids
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=lines[0]["tokens"], do_sample=False)
+    assert (
+        setup["tok"].decode(out[0, len(ids) :].tolist(), skip_special_tokens=False) == lines[0]["generation"]
+    )
+
+
+def test_charts_are_pngs_of_every_metric(setup):
+    charts = sorted(p.name for p in (setup["out"] / "charts").iterdir())
+    assert {
+        "perplexity.png",
+        "bits_per_byte.png",
+        "mc_acc.png",
+        "mc_acc_norm.png",
+        "pref_accuracy.png",
+    } <= set(charts)
+    assert all((setup["out"] / "charts" / c).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for c in charts)
+
+
+def test_best_model_is_registered_with_alias_and_lineage_and_loads_back(setup):
+    import mlflow.pyfunc
+    from mlflow.tracking import MlflowClient
+
+    from stages.lm.hf import import_hf
+
+    reg = setup["results"]["registered"]
+    assert reg["stage"] == "pretrain" and reg["alias"] == "candidate"  # lowest perplexity
+    client = MlflowClient(tracking_uri=setup["uri"], registry_uri=setup["uri"])
+    version = client.get_model_version_by_alias("tiny-lm", "candidate")
+    assert int(version.version) == reg["version"]
+    manifest = json.loads((setup["tok_dir"] / "manifest.json").read_text())
+    tags = version.tags
+    assert tags["seedline.stage"] == "pretrain" and tags["seedline.metric"] == "perplexity"
+    assert tags["seedline.run_dir"] == str(setup["root"])
+    assert tags["seedline.tokenizer_sha256"] == manifest["tokenizer_sha256"]
+    assert tags["seedline.fingerprint.tokenize"] == "tokfp" and tags["seedline.fingerprint.dpo"] == "dpofp"
+    assert version.run_id == setup["tracker"].run_id
+    run = client.get_run(setup["tracker"].run_id)
+    assert run.data.metrics["pretrain/perplexity"] == pytest.approx(
+        setup["results"]["models"]["pretrain"]["perplexity"]
+    )
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "charts")}
+    assert "charts/perplexity.png" in arts
+
+    mlflow.set_registry_uri(setup["uri"])
+    mlflow.set_tracking_uri(setup["uri"])
+    loaded = mlflow.pyfunc.load_model("models:/tiny-lm@candidate")
+    out = loaded.predict(["Doc 3: the quick"], params={"max_new_tokens": 5})
+    assert len(out) == 1 and isinstance(out[0], str) and out[0]
+    lm = loaded.unwrap_python_model()
+    ref = import_hf(str(setup["root"] / "pretrain" / "model"))
+    ids = setup["tok"].encode("Doc 3: the quick brown fox", add_special_tokens=False).ids
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(lm.logits("Doc 3: the quick brown fox"), want)
+    prompt = setup["tok"].encode("Doc 3: the quick", add_special_tokens=False).ids
+    stops = [setup["tok"].token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    new = [t for t in ref.generate([prompt], 5, stop_tokens=stops)[0] if t not in stops]
+    assert out[0] == setup["tok"].decode(new)
+
+
+def test_resume_finishes_with_identical_outputs_and_one_registration(setup):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import Tracker
+
+    out = setup["out"]
+    before = {p: (out / p).read_bytes() for p in ("results.json", "results.md", "generations.jsonl")}
+    # A kill after the first model and before the end: its marker and the final outputs are gone.
+    (out / "results.json").unlink()
+    (out / "models" / "sft.json").unlink()
+    (out / "generations.jsonl").unlink()
+    shutil.rmtree(out / "charts")
+    tracker = Tracker(setup["uri"], setup["tracker"].run_id)
+    ctx = context(out, setup["root"], setup["upstream"], tracker)
+    run(setup["config"], ctx)
+    tracker.close()
+    assert {p: (out / p).read_bytes() for p in before} == before
+    client = MlflowClient(tracking_uri=setup["uri"], registry_uri=setup["uri"])
+    assert len(client.search_model_versions("name='tiny-lm'")) == 1
+
+
+def test_hand_computed_acc_and_acc_norm():
+    from stages.evaluate.multiple_choice import Example, task_metrics
+
+    examples = [
+        Example("Q1", (" a", " bbbb", " cc"), 1),  # ll -1.0 -2.0 -1.5; per char -0.5 -0.4 -0.5
+        Example("Q2", (" xx", " y"), 0),
+    ]  # ll -3.0 -2.0;      per char -1.0 -1.0 (tie -> first)
+    got = task_metrics("t", examples, [-1.0, -2.0, -1.5, -3.0, -2.0], None)
+    # acc: Q1 argmax is choice 0 (wrong), Q2 argmax is choice 1 (wrong) -> 0/2
+    # acc_norm: Q1 argmax is choice 1 (right), Q2 tie goes to choice 0 (right) -> 2/2
+    assert got == {"t/acc": 0.0, "t/acc_norm": 1.0}
+
+
+def test_config_errors_name_the_key():
+    from pipeline.errors import ConfigError
+    from stages.evaluate.config import check
+
+    with pytest.raises(ValueError, match="registry.metric 'mc/acc' is not computed"):
+        EvaluateConfig(registry={"metric": "mc/acc"})
+    EvaluateConfig(tasks=[{"name": "mc", "path": "x.jsonl"}], registry={"metric": "mc/acc", "mode": "max"})
+    with pytest.raises(ConfigError, match="needs a model"):
+        check(EvaluateConfig(), {"tokenize"})
+    with pytest.raises(ValueError, match="unique"):
+        EvaluateConfig(tasks=[{"name": "a", "path": "x"}, {"name": "a", "path": "y"}])
