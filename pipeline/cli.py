@@ -213,6 +213,16 @@ def ui(run_dir: str, port: int = 5000) -> None:
                     "--host", "127.0.0.1", "--port", str(port)], check=False)
 
 
+@app.command()
+def report(run_dir: str = typer.Argument(..., help="the run directory (<workdir>/<name>)")) -> None:
+    """Write RUN_DIR/report.html: stages, durations, dedupe stats, token counts, loss curves, evaluation."""
+    from pipeline.report import write_report
+
+    if storage.read_json_or(storage.join(run_dir, "run.json"), None) is None:
+        _fail(ConfigError("RUN_DIR", f"no run.json in {run_dir}"))
+    typer.echo(write_report(run_dir))
+
+
 @app.command("example-data")
 def example_data(out_dir: Path) -> None:
     """Write the demo data (Python standard library docs, no download): corpus, instruction, preference
