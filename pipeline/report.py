@@ -62,16 +62,23 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def stage_dirs(run_dir: str) -> dict[str, str]:
-    """``{stage: directory}`` in pipeline order: from ``run.json``, else every sub-directory with a status."""
+    """``{stage: directory}`` in the order the stages ran (start times; stages not started last, by name):
+    from ``run.json``, else every sub-directory with a ``status.json``."""
     run = storage.read_json_or(storage.join(run_dir, "run.json"), {})
     if run.get("stages"):
-        return {name: storage.join(run_dir, d) for name, d in run["stages"].items()}
-    out = {}
-    for name in storage.listdir(run_dir):
-        status = storage.read_json_or(storage.join(run_dir, name, "status.json"), None)
-        if status:
-            out[status.get("stage") or name.rsplit("-", 1)[0]] = storage.join(run_dir, name)
-    return out
+        dirs = {name: storage.join(run_dir, d) for name, d in run["stages"].items()}
+    else:
+        dirs = {}
+        for name in storage.listdir(run_dir):
+            status = storage.read_json_or(storage.join(run_dir, name, "status.json"), None)
+            if status:
+                dirs[status.get("stage") or name.rsplit("-", 1)[0]] = storage.join(run_dir, name)
+
+    def started(name: str) -> tuple[float, str]:
+        st = storage.read_json_or(storage.join(dirs[name], "status.json"), {})
+        return (st.get("started") or math.inf, name)
+
+    return {name: dirs[name] for name in sorted(dirs, key=started)}
 
 
 def _stages_section(dirs: dict[str, str]) -> str:
@@ -181,7 +188,12 @@ def _evaluation_section(d: str) -> str:
     results = storage.read_json_or(storage.join(d, "results.json"), None)
     if not results or not results.get("models"):
         return ""
-    models: dict[str, dict[str, float]] = results["models"]
+    from stages.evaluate.config import MODEL_STAGES
+
+    order = {s: i for i, s in enumerate(MODEL_STAGES)}  # results.json's keys are sorted: pipeline order again
+    models: dict[str, dict[str, float]] = dict(
+        sorted(results["models"].items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+    )
     stages = list(models)
     metrics: list[str] = []
     for vals in models.values():

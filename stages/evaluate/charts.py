@@ -53,6 +53,9 @@ def lines_png(
     for i, (name, (x, y)) in enumerate(series.items()):
         marker = "o" if len(x) <= 20 else None
         ax.plot(list(x), list(y), label=name, color=PALETTE[i % len(PALETTE)], marker=marker, markersize=3)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -19,6 +19,8 @@ class PerplexityConfig(StrictModel):
 
     enabled: bool = True
     batches: int = Field(0, ge=0, description="batches of `batch_size` rows to score; 0 = the whole split")
+    doc_mask: bool = Field(True, description="score each packed document on its own (as lm-eval scores "
+                                             "documents); false: attend across documents within a row")
 
 
 class TaskConfig(StrictModel):

@@ -1,8 +1,9 @@
 """Perplexity and bits per byte on the tokenize stage's ``val`` split.
 
-Rows are scored exactly as the trainer sees them (``PackedDataset.batch`` with document masks: a token
-attends only to its own document). Every target token of the split is scored once (rows overlap by one
-token), so:
+Rows are scored as the trainer sees them (``PackedDataset.batch``), by default with document masks (a
+token attends only to its own document, as lm-eval scores documents one by one; ``doc_mask: false``
+attends across the documents of a row, as a model pretrained without masks was trained). Every target
+token of the split is scored once (rows overlap by one token), so:
 
 - ``loss`` = mean negative log-likelihood per target token (end-of-text tokens included), as the
   trainer's ``eval_loss``; ``perplexity`` = exp(loss);
@@ -73,6 +74,7 @@ def evaluate_perplexity(
     batch_size: int,
     batches: int,
     device: torch.device,
+    doc_mask: bool = True,
 ) -> tuple[dict[str, float], dict]:
     """(metrics, counts) on the first ``batches`` batches of rows (0 = all rows), in row order."""
     rows = len(dataset) if batches == 0 else min(len(dataset), batches * batch_size)
@@ -81,12 +83,12 @@ def evaluate_perplexity(
     nll_all, n_all, nll_text, n_text, n_bytes = 0.0, 0, 0.0, 0, 0
     byte_table = torch.tensor(tok_bytes)
     for start in range(0, rows, batch_size):
-        batch = dataset.batch(list(range(start, min(rows, start + batch_size))), doc_mask=True)
+        batch = dataset.batch(list(range(start, min(rows, start + batch_size))), doc_mask=doc_mask)
         labels = batch["labels"]
         logits = model(
             batch["input_ids"].to(device),
             position_ids=batch["position_ids"].to(device),
-            doc_mask=batch["doc_mask"].to(device),
+            doc_mask=batch["doc_mask"].to(device) if doc_mask else None,
         ).logits.float()
         nll = (
             F.cross_entropy(

@@ -55,6 +55,7 @@ def prepare_inputs(config: EvaluateConfig, ctx: StageContext) -> Inputs:
     manifest = storage.read_json(storage.join(tokenize_dir, "manifest.json"))
     tok_json = _tokenizer_json(tokenize_dir)
     tok = Tokenizer.from_str(tok_json)
+    check_tokenizers(ctx, [s for s in MODEL_STAGES if s in ctx.upstream], tok_json)
     shared = SharedInputs(
         tokenize_dir, token_bytes(tok_json, manifest["vocab_size"]), stops=generate.stop_ids(tok)
     )
@@ -92,6 +93,16 @@ def _use_preference(config: EvaluateConfig, ctx: StageContext) -> bool:
     return False
 
 
+def check_tokenizers(ctx: StageContext, stages: list[str], tok_json: str) -> None:
+    """Every model must use the tokenize stage's tokenizer: inputs are tokenized once, for all of them."""
+    want = json.loads(tok_json)
+    for s in stages:
+        path = storage.join(ctx.upstream[s].out_dir, "model", "tokenizer.json")
+        if storage.exists(path) and json.loads(storage.read_text(path)) != want:
+            raise SeedlineError(f"evaluate: the {s} model's tokenizer ({path}) differs from the tokenize "
+                                "stage's; models evaluated together must share one tokenizer")
+
+
 def _job(config: EvaluateConfig, stage: str, model_dir: str) -> ModelJob:
     return ModelJob(
         stage=stage,
@@ -99,6 +110,7 @@ def _job(config: EvaluateConfig, stage: str, model_dir: str) -> ModelJob:
         chat=stage in config.chat_models,
         perplexity=config.perplexity.enabled,
         perplexity_batches=config.perplexity.batches,
+        doc_mask=config.perplexity.doc_mask,
         batch_size=config.batch_size,
         max_new_tokens=config.max_new_tokens,
         use_gpu=config.scaling.use_gpu,

@@ -39,6 +39,7 @@ class ModelJob:
     chat: bool
     perplexity: bool
     perplexity_batches: int
+    doc_mask: bool
     batch_size: int
     max_new_tokens: int
     use_gpu: bool
@@ -84,7 +85,7 @@ def evaluate_model(job: ModelJob, shared: SharedInputs) -> dict[str, Any]:
                     f"{data.vocab_size}: not the same tokenizer"
                 )
             metrics, counts = evaluate_perplexity(
-                model, data, shared.token_bytes, job.batch_size, job.perplexity_batches, device
+                model, data, shared.token_bytes, job.batch_size, job.perplexity_batches, device, job.doc_mask
             )
         out["metrics"].update(metrics)
         out["counts"]["perplexity"] = counts

@@ -14,7 +14,7 @@ from pipeline.report import write_report
 
 def _write(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj))
+    path.write_text(json.dumps(obj, sort_keys=True))  # as pipeline.storage.write_json writes
 
 
 def _run_dir(tmp_path: Path) -> Path:
@@ -27,7 +27,11 @@ def _run_dir(tmp_path: Path) -> Path:
         "dpo": "dpo-eee",
         "evaluate": "evaluate-fff",
     }
-    _write(run / "run.json", {"config": {"name": "tiny"}, "stages": stages, "git_sha": "abc123"})
+    # run.json keeps its keys sorted, as the runner writes it: the report orders stages by start time
+    _write(
+        run / "run.json",
+        {"config": {"name": "tiny"}, "stages": dict(sorted(stages.items())), "git_sha": "abc"},
+    )
     for i, (name, d) in enumerate(stages.items()):
         state = "failed" if name == "dpo" else "succeeded"
         _write(
@@ -105,6 +109,13 @@ def test_report_has_stages_data_curves_and_evaluation(tmp_path):
     assert "841 of 910 documents kept (92.4%)" in page and "332,594" in page and "f00d" in page
     # training curves and evaluation table, best value in bold
     assert "final eval_loss 0.3300" in page and 'alt="pretrain"' in page
+    order = [
+        page.index(f"<td>{name}</td>")
+        for name in ("dedupe", "tokenize", "pretrain", "sft", "dpo", "evaluate")
+    ]
+    assert order == sorted(order)
+    assert page.index('alt="pretrain"') < page.index('alt="sft"') < page.index('alt="dpo"')
+    assert "<th>metric</th><th>pretrain</th><th>sft</th><th>dpo</th>" in page
     assert '<span class="best">35.2500</span>' in page and '<span class="best">0.7500</span>' in page
     assert "models:/seedline-lm@candidate" in page
 

@@ -366,3 +366,21 @@ def test_config_errors_name_the_key():
         check(EvaluateConfig(), {"tokenize"})
     with pytest.raises(ValueError, match="unique"):
         EvaluateConfig(tasks=[{"name": "a", "path": "x"}, {"name": "a", "path": "y"}])
+
+
+def test_perplexity_without_document_masks_attends_across_documents(setup):
+    from stages.evaluate.perplexity import evaluate_perplexity, token_bytes
+    from stages.lm.hf import import_hf
+
+    data = PackedDataset(setup["tok_dir"], "val")
+    model = import_hf(str(setup["root"] / "pretrain" / "model"))
+    tb = token_bytes((setup["tok_dir"] / "tokenizer" / "tokenizer.json").read_text(), data.vocab_size)
+    got, counts = evaluate_perplexity(model, data, tb, 2, 0, torch.device("cpu"), doc_mask=False)
+    hf = _hf(setup["root"] / "pretrain" / "model")
+    batch = data.batch(list(range(len(data))))  # whole rows, positions restarting at document starts
+    with torch.no_grad():
+        logits = hf(batch["input_ids"], position_ids=batch["position_ids"]).logits.double()
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
+    assert got["loss"] == pytest.approx(float(nll) / counts["tokens"], rel=1e-5)
+    masked = setup["results"]["models"]["pretrain"]["loss"]
+    assert got["loss"] != pytest.approx(masked, rel=1e-6)  # the context differs, so does the loss
