@@ -4,9 +4,13 @@ synthetic chat records shaped like the demo instruction set."""
 from __future__ import annotations
 
 import json
+import logging
 import random
+import sys
 from pathlib import Path
 
+from pipeline.stage import Progress, StageContext
+from pipeline.tracking import NullTracker
 from stages.tokenize import tokenizer as tk
 from stages.tokenize.config import TrainTokenizer
 
@@ -14,6 +18,13 @@ SYSTEM = "You are a Python documentation assistant."
 WORDS = ["return", "the", "value", "of", "an", "object", "as", "a", "string", "list", "with", "items",
          "sorted", "by", "key", "and", "raise", "an", "error", "when", "the", "file", "is", "missing",
          "or", "path", "cannot", "be", "opened", "for", "reading", "in", "binary", "mode"]
+# The ChatML rendering with transformers' {% generation %} markers: transformers then computes the
+# assistant-token mask itself (return_assistant_tokens_mask), an independent check of sft's loss mask.
+GENERATION_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+)
 MODULES = ("json", "os", "re", "math", "shutil", "random", "string", "textwrap", "heapq", "bisect")
 
 
@@ -54,3 +65,17 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 512) -> Path:
     tok = tk.train_bpe(texts, TrainTokenizer(vocab_size=vocab_size, min_frequency=2))
     tk.save(tok, str(out_dir), 256)
     return out_dir
+
+
+def stage_context(out: Path, ray_address: str | None, tracker=None) -> StageContext:
+    return StageContext(name="sft", out_dir=str(out), run_dir=str(out.parent), fingerprint="test",
+                        upstream={}, tracker=tracker or NullTracker(), progress=Progress(None),
+                        logger=logging.getLogger("sft-test"), ray_address=ray_address)
+
+
+if __name__ == "__main__":  # `python sft_helpers.py CONFIG.json OUT_DIR RAY_ADDRESS`: the stage, own process
+    from stages.sft.config import SFTConfig
+    from stages.sft.run import run
+
+    cfg_file, out_dir, address = sys.argv[1:4]
+    run(SFTConfig(**json.loads(Path(cfg_file).read_text())), stage_context(Path(out_dir), address))

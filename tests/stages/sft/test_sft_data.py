@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sft_helpers import records, train_tokenizer, write_jsonl
+from sft_helpers import GENERATION_TEMPLATE, records, train_tokenizer, write_jsonl
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
@@ -24,13 +24,6 @@ from stages.sft.pack import best_fit_decreasing
 from stages.sft.prepare import DataSpec, prepare
 from stages.sft.tokenizer import prepare_tokenizer
 
-# The same ChatML rendering with transformers' {% generation %} markers: transformers then computes the
-# assistant-token mask itself (return_assistant_tokens_mask), an independent check of ours.
-GENERATION_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
-    "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
-)
 TRICKY = [
     [{"role": "user", "content": "\n\nleading newlines "},
      {"role": "assistant", "content": "\n  indented é 日本\n"}],

@@ -1,0 +1,142 @@
+"""The sft stage: chat data -> assistant-only fine-tuning on the shared trainer. Steps (each resumable):
+
+1. **tokenizer**: ``tokenizer/`` = the tokenize stage's tokenizer (or the model directory's) with the
+   ChatML chat template sft trains with (``stages/sft/tokenizer.py``); rewritten on every run (cheap,
+   deterministic).
+2. **data** (``stages/sft/prepare.py``): read and quarantine records, split train/val, tokenize with the
+   loss mask, apply the length policy, pack; marker ``data/prepared.json``.
+3. **baseline**: the starting model's held-out loss on exactly the batches the trainer validates on
+   (a Ray task, on a GPU when training uses GPUs); marker ``base_eval.json``; logged as
+   ``base_eval_loss`` (and ``eval_loss`` at step 0, so the validation curve starts at the base model).
+4. **train**: ``stages.lm.trainer.fit`` (checkpoints under ``checkpoints/``, resumed from the newest
+   complete one; ``metrics.jsonl``; ``model/`` exported with ``tokenizer/``).
+5. **finalize**: ``stats.json`` (written last: the stage is done) with the data counts, the baseline and
+   final held-out losses.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pipeline import storage
+from pipeline.errors import ConfigError, SeedlineError
+from pipeline.stage import StageContext
+from stages.sft.config import SFTConfig
+from stages.sft.prepare import DataSpec, prepare
+from stages.sft.task import SFTTask, heldout_loss
+from stages.sft.tokenizer import prepare_tokenizer
+from stages.tokenize.config import EOT, PAD
+
+
+def _sources(config: SFTConfig, ctx: StageContext) -> tuple[str, str]:
+    """(model directory, tokenizer source directory)."""
+    if config.init_from:
+        model_dir = config.init_from
+    elif "pretrain" in ctx.upstream:
+        model_dir = storage.join(ctx.upstream["pretrain"].out_dir, "model")
+    else:
+        raise ConfigError("stages.sft.init_from", "required when the pipeline has no pretrain stage")
+    if not storage.exists(storage.join(model_dir, "config.json")):
+        raise ConfigError("stages.sft.init_from" if config.init_from else "stages.sft",
+                          f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    tok_src = (storage.join(ctx.upstream["tokenize"].out_dir, "tokenizer") if "tokenize" in ctx.upstream
+               else model_dir)
+    return model_dir, tok_src
+
+
+def _check_model(model_dir: str, tok_json: str, config: SFTConfig) -> None:
+    from tokenizers import Tokenizer
+
+    hf = storage.read_json(storage.join(model_dir, "config.json"))
+    vocab = Tokenizer.from_str(tok_json).get_vocab_size(with_added_tokens=True)
+    if vocab > hf["vocab_size"]:
+        raise ConfigError("stages.sft", f"the tokenizer has {vocab} tokens but the model in {model_dir} only "
+                                        f"{hf['vocab_size']}: they do not belong together")
+    limit = hf.get("max_position_embeddings")
+    if limit and config.max_len > limit:
+        raise ConfigError("stages.sft.max_len", f"{config.max_len} exceeds the model's context ({limit})")
+
+
+def _pad_id(tok_json: str) -> int:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tok_json)
+    for t in (PAD, EOT):
+        if tok.token_to_id(t) is not None:
+            return int(tok.token_to_id(t))
+    return 0
+
+
+def _prepare_data(config: SFTConfig, tok_json: str, ctx: StageContext) -> dict[str, Any]:
+    marker = ctx.path("data", "prepared.json")
+    done = storage.read_json_or(marker, None)
+    if done is not None:
+        return done
+    ctx.progress.update(step="data", force=True)
+    t0 = time.monotonic()
+    spec = DataSpec(config.data, config.val, config.val_fraction, config.max_len, config.packing,
+                    config.truncation)
+    summary = prepare(spec, tok_json, ctx.out_dir)
+    ctx.logger.info("sft: data ready in %.1fs: train %d examples in %d rows (%d quarantined, %d truncated, "
+                    "%d dropped), val %d examples", time.monotonic() - t0, summary["train"]["examples"],
+                    summary["train"]["rows"], summary["train"]["quarantined"] + summary["val"]["quarantined"],
+                    summary["train"]["truncated"],
+                    summary["train"]["dropped_too_long"] + summary["train"]["dropped_no_target"],
+                    summary["val"]["examples"])
+    return summary
+
+
+def _check_rows(config: SFTConfig, summary: dict[str, Any]) -> None:
+    workers, micro = config.scaling.num_workers, config.train.micro_batch
+    if summary["train"]["rows"] < workers * micro:
+        raise SeedlineError(f"sft: {summary['train']['rows']} training rows, fewer than one global batch "
+                            f"(train.micro_batch {micro} x scaling.num_workers {workers})")
+    if summary["val"]["rows"] < workers:
+        raise SeedlineError(f"sft: {summary['val']['rows']} held-out rows, fewer than the {workers} workers "
+                            "that validate: set stages.sft.val or raise stages.sft.val_fraction")
+
+
+def _baseline(task: SFTTask, config: SFTConfig, ctx: StageContext) -> float:
+    marker = ctx.path("base_eval.json")
+    done = storage.read_json_or(marker, None)
+    if done is not None:
+        return float(done["base_eval_loss"])
+    ctx.progress.update(step="baseline", force=True)
+    ctx.init_ray()
+    import ray
+
+    sc = config.scaling
+    remote = ray.remote(num_cpus=sc.cpus_per_worker, num_gpus=1 if sc.use_gpu else 0)(heldout_loss)
+    loss = ray.get(remote.remote(task, sc.num_workers, config.train.micro_batch, config.eval.batches,
+                                 sc.use_gpu))
+    storage.write_json(marker, {"base_eval_loss": loss})
+    ctx.tracker.log_metrics({"base_eval_loss": loss, "eval_loss": loss}, step=0)
+    ctx.logger.info("sft: held-out loss of the starting model: %.4f", loss)
+    return loss
+
+
+def run(config: SFTConfig, ctx: StageContext) -> dict[str, Any]:
+    """Run the sft stage (see the module docstring); returns what ``stats.json`` holds."""
+    from stages.lm.trainer import fit
+
+    model_dir, tok_src = _sources(config, ctx)
+    tok_dir = ctx.path("tokenizer")
+    tok_json = prepare_tokenizer(tok_src, tok_dir, ctx.logger)
+    _check_model(model_dir, tok_json, config)
+    summary = _prepare_data(config, tok_json, ctx)
+    _check_rows(config, summary)
+    task = SFTTask(model_dir=model_dir, tokenizer_dir=tok_dir, data_dir=ctx.path("data"),
+                   max_len=config.max_len, packing=config.packing, pad_id=_pad_id(tok_json))
+    base = _baseline(task, config, ctx)
+    result = fit(task, config, ctx)
+    final = result.metrics.get("eval_loss")
+    stats = {"data": summary, "steps": result.steps, "base_eval_loss": base, "eval_loss": final,
+             "model_dir": result.model_dir}
+    counts = {f"data/{split}_{k}": float(v) for split in ("train", "val")
+              for k, v in summary[split].items() if isinstance(v, int | float)}
+    ctx.tracker.log_metrics(counts, step=result.steps)
+    if final is not None and final >= base:
+        ctx.logger.warning("sft: held-out loss %.4f is not below the starting model's %.4f", final, base)
+    storage.write_json(ctx.path("stats.json"), stats)
+    return stats
