@@ -35,7 +35,7 @@ class DPOConfig(StrictModel):
                                   "training), or a frozen reference model kept in memory; same results")
     init_from: str | None = Field(None, description="a Hugging Face model directory to start from "
                                                     "(only without an sft stage)")
-    train: TrainConfig = TrainConfig(steps=500, micro_batch=4, lr=5e-7, min_lr=0.0, warmup=10,
+    train: TrainConfig = TrainConfig(steps=500, micro_batch=4, lr=1e-6, min_lr=0.0, warmup=10,
                                      weight_decay=0.0)
     scaling: ScalingConfig = ScalingConfig()
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()

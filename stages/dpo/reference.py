@@ -2,9 +2,10 @@
 
 The reference model (the sft model, frozen) scores every pair of a split; the (N, 2) float32 summed
 log-probabilities of (chosen, rejected) are written per shard of ``SHARD_PAIRS`` pairs as
-``reference/<split>/part-<k>.npy`` followed by a ``part-<k>.done`` marker. A rerun after a kill skips
-the marked shards, and every shard is a pure function of the model and the pairs, so the result is
-byte-identical to an uninterrupted pass. Training then holds a single model.
+``reference/<split>/part-<k>.npy`` followed by a ``part-<k>.done`` marker. The pass runs as one Ray task
+per training worker (same resources), each taking every n-th shard and loading the model once. A rerun
+after a kill skips the marked shards, and every shard is a pure function of the model and the pairs,
+so the result is byte-identical to an uninterrupted pass. Training then holds a single model.
 
 The same ``pair_logps`` scores the policy in training and the frozen in-memory reference (the other
 mode), on the same fixed-shape batches, so both modes see identical reference values.
@@ -12,6 +13,7 @@ mode), on the same fixed-shape batches, so both modes see identical reference va
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import dataclass
 from typing import Any
@@ -63,15 +65,23 @@ class ReferenceJob:
     batch_size: int
     use_gpu: bool = False
     shard_pairs: int = SHARD_PAIRS
+    worker: int = 0  # this job takes shards k with k % workers == worker
+    workers: int = 1
 
     def shards(self, n: int) -> list[tuple[int, int, int]]:
         """(k, start, end) of every shard of ``n`` pairs."""
         return [(k, s, min(s + self.shard_pairs, n)) for k, s in enumerate(range(0, n, self.shard_pairs))]
 
     def pending(self, n: int) -> list[tuple[int, int, int]]:
-        return [sh for sh in self.shards(n) if not storage.exists(_part(self.ref_dir, sh[0], "done"))]
+        """This job's shards without a marker."""
+        return [sh for sh in self.shards(n) if sh[0] % self.workers == self.worker
+                and not storage.exists(_part(self.ref_dir, sh[0], "done"))]
 
-    def run(self, progress: Any = None) -> int:
+    def split(self, workers: int) -> list[ReferenceJob]:
+        """The same pass as ``workers`` jobs over interleaved shards."""
+        return [dataclasses.replace(self, worker=w, workers=workers) for w in range(workers)]
+
+    def run(self) -> int:
         """Compute the unmarked shards; returns how many were computed."""
         import torch
 
@@ -84,8 +94,7 @@ class ReferenceJob:
         device = torch.device("cuda" if self.use_gpu else "cpu")
         dtype = torch.bfloat16 if self.use_gpu else torch.float32  # the trainer's compute dtype
         model = load_reference_model(self.model_dir, device, dtype)
-        total = len(self.shards(len(data)))
-        for done, (k, start, end) in enumerate(todo, start=total - len(todo) + 1):
+        for k, start, end in todo:
             out = np.empty((end - start, 2), np.float32)
             with torch.no_grad():
                 for s in range(start, end, self.batch_size):
@@ -95,8 +104,6 @@ class ReferenceJob:
                     out[s - start: e - start, 0], out[s - start: e - start, 1] = lp[: e - s], lp[e - s:]
             storage.write_bytes(_part(self.ref_dir, k, "npy"), _npy_bytes(out))
             storage.touch_marker(_part(self.ref_dir, k, "done"))
-            if progress is not None:
-                progress.update(phase="reference", done=done, total=total, unit="shards")
         return len(todo)
 
 
@@ -116,23 +123,19 @@ def load_reference(ref_dir: str, n: int) -> np.ndarray:
     return ref
 
 
-def run_jobs(jobs: list[ReferenceJob], progress: Any, on_ray: bool, num_cpus: int = 1) -> None:
-    """Run reference passes in this process, or one after the other in a single Ray task (on a GPU
-    worker when the jobs use one)."""
-    if not on_ray:
-        for job in jobs:
-            job.run(progress)
-        return
+def run_jobs(jobs: list[ReferenceJob], workers: int, num_cpus: int) -> int:
+    """Run passes on Ray: ``workers`` tasks (``num_cpus`` each, and a GPU when the jobs use one), each
+    taking its share of every job's shards. Returns the number of shards computed."""
     import ray
 
     use_gpu = any(j.use_gpu for j in jobs)
 
     @ray.remote(num_cpus=num_cpus, num_gpus=1 if use_gpu else 0, max_retries=0)
-    def _run(js: list[ReferenceJob], prog: Any) -> None:
+    def _run(js: list[ReferenceJob]) -> int:
         import torch
 
-        torch.set_num_threads(num_cpus)
-        for j in js:
-            j.run(prog)
+        torch.set_num_threads(num_cpus)  # as in the training workers: same kernels, same values
+        return sum(j.run() for j in js)
 
-    ray.get(_run.remote(jobs, progress))
+    per_worker = [[j.split(workers)[w] for j in jobs] for w in range(workers)]
+    return sum(ray.get([_run.remote(js) for js in per_worker]))

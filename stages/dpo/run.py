@@ -6,13 +6,16 @@ Steps, each resumable (a killed run redoes only what has no marker, to the same 
 2. reference pass (``stages.dpo.reference``): the sft model's summed log-probs of every pair, on one Ray
    worker. With ``reference: in_memory`` only the held-out split is scored here (for the baseline below)
    and training keeps a frozen reference model instead;
-3. training (``stages.lm.trainer.fit``): checkpoints, resume, metrics, ``<out>/model/``;
-4. the trained policy scores the held-out pairs.
+3. training (``stages.lm.trainer.fit``): checkpoints, resume, metrics (``eval_rewards/accuracies`` etc.
+   on ``eval.batches`` micro-batches per worker), ``<out>/model/``;
+4. the trained policy scores every held-out pair (``policy_logps/val``).
 
-The baseline the demo is judged against: ``base_eval_logp_accuracy``, the share of held-out pairs that
-the sft model already prefers (logp_chosen > logp_rejected). Next to it, training reports
-``eval_rewards/accuracies`` (pairs whose implicit reward margin is positive) and step 4 adds
-``final_eval_logp_accuracy`` (the trained policy's own preference). All go to MLflow and ``stats.json``.
+Held-out comparison, on the same (all) held-out pairs, to MLflow and ``stats.json``:
+
+- ``base_eval_logp_accuracy``: share of pairs the sft model already prefers (logp_chosen > logp_rejected);
+- ``heldout_rewards/accuracies`` (and the other TRL metrics and the loss, ``heldout_`` prefixed): the
+  trained policy against the reference, exactly as in training;
+- ``heldout_logp_accuracy``: share of pairs the trained policy itself prefers.
 """
 
 from __future__ import annotations
@@ -79,7 +82,8 @@ def _data_step(config: DPOConfig, ctx: StageContext, tokenizer_json: str) -> dic
 
 def _score(config: DPOConfig, ctx: StageContext, model_dir: str, pad_id: int, splits: list[str],
            dest: str) -> None:
-    """Summed completion log-probs of ``splits`` under ``model_dir`` into ``<out>/<dest>/<split>``."""
+    """Summed completion log-probs of ``splits`` under ``model_dir`` into ``<out>/<dest>/<split>``, on
+    as many Ray tasks as there are training workers."""
     jobs = [ReferenceJob(model_dir, ctx.path("pairs", f"{s}.arrow"), ctx.path(dest, s), config.max_len,
                          pad_id, batch_size=config.train.micro_batch, use_gpu=config.scaling.use_gpu)
             for s in splits]
@@ -87,12 +91,26 @@ def _score(config: DPOConfig, ctx: StageContext, model_dir: str, pad_id: int, sp
     if all(not j.pending(n[s]) for j, s in zip(jobs, splits, strict=True)):
         return
     ctx.init_ray()
-    run_jobs(jobs, ctx.progress, on_ray=True, num_cpus=config.scaling.cpus_per_worker)
+    ctx.progress.update(phase=dest, force=True)
+    run_jobs(jobs, config.scaling.num_workers, config.scaling.cpus_per_worker)
 
 
 def preference_accuracy(logps: np.ndarray) -> float:
     """Share of pairs with logp(chosen) > logp(rejected): a model's own (implicit) preference."""
     return float(np.mean(logps[:, 0] > logps[:, 1])) if len(logps) else float("nan")
+
+
+def heldout_metrics(config: DPOConfig, policy: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """DPO loss and TRL metrics of the trained policy over every held-out pair, and its own preference."""
+    import torch
+
+    from stages.dpo.loss import dpo_loss
+
+    pc, pr, rc, rr = (torch.from_numpy(np.ascontiguousarray(a)) for a in (policy.T[0], policy.T[1], ref.T[0],
+                                                                         ref.T[1]))
+    loss, metrics = dpo_loss(pc, pr, rc, rr, config.beta, config.loss_type, config.label_smoothing)
+    return {"heldout_loss": float(loss), **{f"heldout_{k}": float(v) for k, v in metrics.items()},
+            "heldout_logp_accuracy": preference_accuracy(policy)}
 
 
 def run(config: DPOConfig, ctx: StageContext) -> FitResult:
@@ -107,8 +125,9 @@ def run(config: DPOConfig, ctx: StageContext) -> FitResult:
 
     splits = ["train", "val"] if config.reference == "precompute" else ["val"]
     _score(config, ctx, model_dir, pad_id, splits, "reference")
-    base = {"base_eval_logp_accuracy":
-            preference_accuracy(load_reference(ctx.path("reference", "val"), summary["val"]["pairs"]))}
+    n_val = summary["val"]["pairs"]
+    ref_val = load_reference(ctx.path("reference", "val"), n_val)
+    base = {"base_eval_logp_accuracy": preference_accuracy(ref_val)}
     ctx.tracker.log_metrics(base, step=0)
     ctx.logger.info("dpo: the sft model prefers the chosen answer on %.1f%% of held-out pairs",
                     100 * base["base_eval_logp_accuracy"])
@@ -118,13 +137,13 @@ def run(config: DPOConfig, ctx: StageContext) -> FitResult:
     result = fit(task, config, ctx)
 
     _score(config, ctx, result.model_dir, pad_id, ["val"], "policy_logps")
-    final = {"final_eval_logp_accuracy":
-             preference_accuracy(load_reference(ctx.path("policy_logps", "val"), summary["val"]["pairs"]))}
-    ctx.tracker.log_metrics(final, step=result.steps)
-    stats = {"data": summary, "steps": result.steps, "metrics": result.metrics, **base, **final}
+    heldout = heldout_metrics(config, load_reference(ctx.path("policy_logps", "val"), n_val), ref_val)
+    ctx.tracker.log_metrics(base | heldout, step=result.steps)
+    stats = {"data": summary, "steps": result.steps, "metrics": result.metrics, "heldout_pairs": n_val,
+             **base, **heldout}
     storage.write_json(ctx.path("stats.json"), stats)
-    ctx.logger.info("dpo: %d steps; held-out rewards/accuracies %.3f (sft model's own preference accuracy "
-                    "%.3f, after dpo %.3f)", result.steps,
-                    result.metrics.get("eval_rewards/accuracies", float("nan")),
-                    base["base_eval_logp_accuracy"], final["final_eval_logp_accuracy"])
+    ctx.logger.info("dpo: %d steps; on %d held-out pairs: rewards/accuracies %.3f, the sft model's own "
+                    "preference accuracy %.3f (the trained policy's %.3f)", result.steps, n_val,
+                    heldout["heldout_rewards/accuracies"], base["base_eval_logp_accuracy"],
+                    heldout["heldout_logp_accuracy"])
     return result

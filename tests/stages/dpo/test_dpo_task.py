@@ -131,10 +131,10 @@ def test_reference_pass_resumes_per_shard_to_identical_bytes(dpo_assets, prepare
     assert job.run() == 2
     assert {p.name: p.read_bytes() for p in ref_dir.iterdir()} == before
     assert job.run() == 0
-    # Another batch size gives the same values (fixed-shape batches).
+    # Another batch size, and the shards dealt out to 3 jobs, give the same values (fixed-shape batches).
     other = ReferenceJob(dpo_assets.model_dir, job.pairs_path, str(tmp_path / "ref"), MAX_LEN, PAD,
-                         batch_size=8)
-    other.run()
+                         batch_size=8, shard_pairs=10)
+    assert [j.run() for j in other.split(3)] == [2, 2, 1]
     assert np.array_equal(load_reference(str(tmp_path / "ref"), 48), load_reference(str(ref_dir), 48))
 
 
