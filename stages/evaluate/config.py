@@ -19,8 +19,11 @@ class PerplexityConfig(StrictModel):
 
     enabled: bool = True
     batches: int = Field(0, ge=0, description="batches of `batch_size` rows to score; 0 = the whole split")
-    doc_mask: bool = Field(True, description="score each packed document on its own (as lm-eval scores "
-                                             "documents); false: attend across documents within a row")
+    doc_mask: bool = Field(
+        True,
+        description="score each packed document on its own (as lm-eval scores "
+        "documents); false: attend across documents within a row",
+    )
 
 
 class TaskConfig(StrictModel):
@@ -90,28 +93,32 @@ class EvaluateConfig(StrictModel):
         unknown = sorted(set(self.chat_models) - set(MODEL_STAGES))
         if unknown:
             raise ValueError(f"chat_models {unknown} are not model stages ({', '.join(MODEL_STAGES)})")
-        if self.registry.enabled and self.registry.metric not in self.metric_names():
-            raise ValueError(
-                f"registry.metric {self.registry.metric!r} is not computed by this config; "
-                f"choose one of {', '.join(self.metric_names())}"
-            )
         return self
 
-    def metric_names(self) -> list[str]:
-        """Metrics this configuration can produce (a model gets a subset: e.g. pref_* only for dpo)."""
+    def metric_names(self, present: set[str] | None = None) -> list[str]:
+        """Metrics this configuration can produce in a pipeline of ``present`` stages (a model gets a
+        subset: the pref_* metrics need the dpo stage's pairs, pref_accuracy and pref_margin are the dpo
+        model's)."""
         out = ["loss", "perplexity", "bits_per_byte"] if self.perplexity.enabled else []
         for t in self.tasks:
             out += [f"{t.name}/acc", f"{t.name}/acc_norm"]
-        if self.preference is not False:
+        if self.preference is not False and (present is None or "dpo" in present):
             out += ["pref_logp_accuracy", "pref_accuracy", "pref_margin"]
         return out
 
 
 def check(config: BaseModel, present: set[str]) -> None:
-    """Cross-stage rule: there must be at least one model to evaluate."""
+    """Cross-stage rules: at least one model to evaluate; a registry metric this pipeline computes."""
     if not present & set(MODEL_STAGES):
         raise ConfigError(
             "stages.evaluate", f"needs a model: add one of stages.{', stages.'.join(MODEL_STAGES)}"
         )
     if getattr(config, "preference", "auto") is True and "dpo" not in present:
         raise ConfigError("stages.evaluate.preference", "true needs a dpo stage (its val pairs); use auto")
+    registry = getattr(config, "registry", None)
+    if registry is not None and registry.enabled and registry.metric not in config.metric_names(present):
+        raise ConfigError(
+            "stages.evaluate.registry.metric",
+            f"{registry.metric!r} is not computed by this pipeline; choose one of "
+            f"{', '.join(config.metric_names(present))}",
+        )

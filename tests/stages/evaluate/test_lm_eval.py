@@ -45,7 +45,7 @@ def test_exported_model_runs_under_lm_eval_with_the_same_scores(tmp_path):
     tok = train_bpe(documents(200), TrainTokenizer(vocab_size=300, sample_docs=200))
     save(tok, str(tmp_path / "tokenizer"), 128)
     stage = export_stage(tmp_path, "pretrain", tiny_model(304, 7), tmp_path / "tokenizer")
-    mc = write_mc_task(tmp_path / "mc.jsonl", mc_examples(10, seed=5))
+    mc = write_mc_task(tmp_path / "mc.jsonl", mc_examples(6, seed=5))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "seedline_mc.yaml").write_text(TASK_YAML.format(path=mc))
 

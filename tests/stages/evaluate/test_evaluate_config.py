@@ -1,0 +1,45 @@
+"""The evaluate stage's config: validation errors name the key; it reads whichever model stages exist."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import validate_config
+from pipeline.errors import ConfigError
+from pipeline.graph import order
+from stages.evaluate.config import EvaluateConfig, check
+
+BASE = {"name": "t", "stages": {"tokenize": {"input": "x.jsonl"}, "pretrain": {}}}
+
+
+def _config(**stages):
+    return validate_config({"name": "t", "stages": {**BASE["stages"], **stages}})
+
+
+def test_evaluate_reads_tokenize_and_the_model_stages_present():
+    nodes = {n.name: n for n in order(_config(evaluate={}))}
+    assert nodes["evaluate"].inputs == ("tokenize", "pretrain")
+
+
+def test_metric_and_task_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"stages\.evaluate\.registry\.metric: 'mc/acc' is not computed"):
+        _config(evaluate={"registry": {"metric": "mc/acc"}})
+    cfg = _config(evaluate={"tasks": [{"name": "mc", "path": "mc.jsonl", "num_fewshot": 1}],
+                            "registry": {"metric": "mc/acc_norm", "mode": "max"}})
+    assert cfg.stage_configs()["evaluate"].tasks[0].num_fewshot == 1
+    with pytest.raises(ConfigError, match=r"stages\.evaluate\.tasks\.0\.num_fewshot"):
+        _config(evaluate={"tasks": [{"name": "mc", "path": "mc.jsonl", "num_fewshot": -1}]})
+    with pytest.raises(ConfigError, match=r"stages\.evaluate\.batch_sizes: unknown key"):
+        _config(evaluate={"batch_sizes": 4})
+    with pytest.raises(ConfigError, match=r"registry\.metric: 'pref_accuracy' is not computed"):
+        _config(evaluate={"registry": {"metric": "pref_accuracy", "mode": "max"}})  # no dpo stage
+    with pytest.raises(ValueError, match="unique"):
+        EvaluateConfig(tasks=[{"name": "a", "path": "x"}, {"name": "a", "path": "y"}])
+
+
+def test_evaluate_needs_a_model_and_preference_true_needs_dpo():
+    with pytest.raises(ConfigError, match="needs a model"):
+        check(EvaluateConfig(), {"tokenize"})
+    with pytest.raises(ConfigError, match=r"stages\.evaluate\.preference"):
+        check(EvaluateConfig(preference=True), {"tokenize", "pretrain"})
+    check(EvaluateConfig(preference="auto"), {"tokenize", "pretrain"})
