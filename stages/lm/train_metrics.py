@@ -42,6 +42,11 @@ class MetricsSink:
         self.total_steps = total_steps
         self.log_every = max(1, log_every)
         self.tracker = tracker_from_spec(tracker_spec)
+        if tracker_spec.get("enabled"):
+            import mlflow
+
+            # MLflow's system-metrics monitor reads the process-wide tracking URI, not the tracker's
+            mlflow.set_tracking_uri(tracker_spec["uri"])
         self.tracker.start_system_metrics()
         self.progress = progress
         self.logger_name = logger_name
