@@ -106,8 +106,7 @@ def heldout_metrics(config: DPOConfig, policy: np.ndarray, ref: np.ndarray) -> d
 
     from stages.dpo.loss import dpo_loss
 
-    pc, pr, rc, rr = (torch.from_numpy(np.ascontiguousarray(a)) for a in (policy.T[0], policy.T[1], ref.T[0],
-                                                                         ref.T[1]))
+    pc, pr, rc, rr = (torch.from_numpy(a[:, i].copy()) for a in (policy, ref) for i in (0, 1))
     loss, metrics = dpo_loss(pc, pr, rc, rr, config.beta, config.loss_type, config.label_smoothing)
     return {"heldout_loss": float(loss), **{f"heldout_{k}": float(v) for k, v in metrics.items()},
             "heldout_logp_accuracy": preference_accuracy(policy)}
@@ -128,7 +127,9 @@ def run(config: DPOConfig, ctx: StageContext) -> FitResult:
     n_val = summary["val"]["pairs"]
     ref_val = load_reference(ctx.path("reference", "val"), n_val)
     base = {"base_eval_logp_accuracy": preference_accuracy(ref_val)}
-    ctx.tracker.log_metrics(base, step=0)
+    quarantined = summary["train"]["quarantined"] + summary["val"]["quarantined"]
+    ctx.tracker.log_metrics({**base, "data_train_pairs": summary["train"]["pairs"], "data_val_pairs": n_val,
+                             "data_quarantined": quarantined}, step=0)
     ctx.logger.info("dpo: the sft model prefers the chosen answer on %.1f%% of held-out pairs",
                     100 * base["base_eval_logp_accuracy"])
 
