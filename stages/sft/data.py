@@ -138,10 +138,15 @@ class SFTDataset:
         self.tokens, self.row_offsets = _flat(table.column("tokens").chunk(0))
         self.mask = _flat(table.column("loss_mask").chunk(0))[0].astype(bool)
         self.lengths, self.length_offsets = _flat(table.column("lengths").chunk(0))
+        self._ids = table.column("ids")
         self._len = table.num_rows
 
     def __len__(self) -> int:
         return self._len
+
+    def row_ids(self) -> list[list[str]]:
+        """The source ids (``<file>:<line>``) of the examples in each row."""
+        return self._ids.to_pylist()
 
     def row(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tokens, loss mask, example lengths) of row ``index``."""

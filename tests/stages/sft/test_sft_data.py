@@ -85,6 +85,41 @@ def test_loss_mask_is_assistant_content_and_end_of_turn_only(encoder, hf_tok):
         assert int((ids[mask] == im_end).sum()) == sum(m["role"] == "assistant" for m in conv)
 
 
+def test_training_starts_right_after_the_generation_prompt(encoder, hf_tok):
+    """What a user feeds at inference (the history + add_generation_prompt) is exactly the untrained
+    prefix before the last answer: the first trained token is the first token the model must generate."""
+    for conv in _conversations():
+        if conv[-1]["role"] != "assistant":
+            continue
+        ids, mask = encoder.encode(conv)
+        prompt = hf_tok.apply_chat_template(conv[:-1], add_generation_prompt=True)["input_ids"]
+        assert ids[: len(prompt)].tolist() == prompt
+        assert mask[len(prompt)] and not mask[len(prompt) - 1]
+
+
+def test_val_fraction_holds_out_by_content(tmp_path, tok_dir):
+    rows = records(120, seed=8)
+    write_jsonl(tmp_path / "in" / "train.jsonl", rows)
+    spec = DataSpec(str(tmp_path / "in" / "train.jsonl"), None, 0.25, 256, False, "truncate")
+    tok_json = (tok_dir / "tokenizer.json").read_text()
+    summary = prepare(spec, tok_json, str(tmp_path / "a"))
+    assert 15 <= summary["val"]["examples"] <= 45
+    assert summary["train"]["examples"] + summary["val"]["examples"] == len(rows)
+    assert summary["train"]["records"] + summary["val"]["records"] == len(rows)
+    ids = {s: {i for row in SFTDataset(str(tmp_path / "a" / "data" / f"{s}.arrow"), 256, 1).row_ids()
+               for i in row} for s in ("train", "val")}
+    assert not ids["train"] & ids["val"] and len(ids["train"] | ids["val"]) == len(rows)
+    # the split follows the content, not the position: shuffled files hold out the same conversations
+    random.Random(0).shuffle(rows)
+    write_jsonl(tmp_path / "in" / "train.jsonl", rows)
+    again = prepare(spec, tok_json, str(tmp_path / "b"))
+    assert again["val"]["examples"] == summary["val"]["examples"]
+    a = SFTDataset(str(tmp_path / "a" / "data" / "val.arrow"), 256, 1)
+    b = SFTDataset(str(tmp_path / "b" / "data" / "val.arrow"), 256, 1)
+    assert sorted(a.row(i)[0].tolist() for i in range(len(a))) == sorted(b.row(i)[0].tolist()
+                                                                          for i in range(len(b)))
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_batch_labels_with_and_without_packing(tmp_path, tok_dir, encoder, packing):
     convs = _conversations()
