@@ -78,13 +78,8 @@ def save_pyfunc(model_dir: str, dest: Path) -> None:
 
 
 def _existing_version(client: Any, name: str, run_id: str, stage: str) -> Any | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        versions = client.search_model_versions(f"name='{name}'")
-    except MlflowException:
-        return None
-    for v in versions:
+    """The version registered from this run for ``stage`` (a resumed stage registers once)."""
+    for v in client.search_model_versions(f"name='{name}'"):
         if v.run_id == run_id and v.tags.get("seedline.stage") == stage:
             return v
     return None
