@@ -111,7 +111,10 @@ class Runner:
         data = self.state.load()
         if self.cfg.tracking.enabled:
             experiment = self.cfg.tracking.experiment or self.cfg.name
-            self.tracking = PipelineTracking(self.cfg.tracking_uri(), experiment)
+            uri = self.cfg.tracking_uri()
+            # A database store keeps artifacts beside the runs it describes; a server decides for itself.
+            artifacts = None if uri.startswith("http") else storage.join(self.cfg.workdir, "mlartifacts")
+            self.tracking = PipelineTracking(uri, experiment, artifacts)
             tags = {"seedline.run_dir": self.state.run_dir, "seedline.git_sha": git_sha() or "unknown"}
             self.parent_run_id = self.tracking.parent(data.get("mlflow_parent_run_id"), self.cfg.name, tags)
         data.update(

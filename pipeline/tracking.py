@@ -176,13 +176,16 @@ def tracker_from_spec(spec: dict[str, Any]) -> Tracker | NullTracker:
 class PipelineTracking:
     """Creates or re-attaches the pipeline's parent run and its per-stage child runs."""
 
-    def __init__(self, uri: str, experiment: str):
+    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None):
+        """``artifact_location`` is where a new experiment keeps artifacts; without one MLflow would use
+        ``./mlruns`` of whatever directory the command runs in (a server picks its own)."""
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            experiment, artifact_location=artifact_location)
 
     def parent(self, run_id: str | None, name: str, tags: dict[str, str]) -> str:
         """The parent run id: the recorded one re-opened, or a new run."""

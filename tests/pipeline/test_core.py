@@ -84,6 +84,8 @@ def test_mlflow_parent_and_children_reattached(tmp_path):
     client = MlflowClient(c.tracking_uri())
     parent = run_json["mlflow_parent_run_id"]
     exp = client.get_experiment_by_name("p").experiment_id
+    # Artifacts (models, charts) stay in the workdir, not in ./mlruns of wherever the command ran.
+    assert client.get_experiment(exp).artifact_location.endswith(str(tmp_path / "w" / "mlartifacts"))
     children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
     assert sorted(r.data.tags["seedline.stage"] for r in children) == ["t_a", "t_b"]
     # Simulate an interrupted t_b and resume: the same child run is reused.
