@@ -18,8 +18,9 @@ class SFTConfig(StrictModel):
     """Supervised fine-tuning on chat data with an assistant-only loss.
 
     The model starts from the pretrain stage's ``model/`` (or ``init_from``, a Hugging Face Llama
-    directory); the tokenizer is the tokenize stage's when the pipeline has one, else the model
-    directory's. Results depend only on the non-volatile fields.
+    directory). The tokenizer is the tokenize stage's with a pretrain model, the ``init_from`` model's own
+    otherwise (the tokenize stage's if that directory has none). Results depend only on the non-volatile
+    fields.
     """
 
     data: str | list[str] = Field(

@@ -30,7 +30,9 @@ from stages.tokenize.config import EOT, PAD
 
 
 def _sources(config: SFTConfig, ctx: StageContext) -> tuple[str, str]:
-    """(model directory, tokenizer source directory)."""
+    """(model directory, tokenizer source directory). The tokenizer is the tokenize stage's when the model
+    is the pretrain stage's (the same files), else the one saved with the ``init_from`` model (falling back
+    to the tokenize stage's when that directory has none)."""
     if config.init_from:
         model_dir = config.init_from
     elif "pretrain" in ctx.upstream:
@@ -40,9 +42,10 @@ def _sources(config: SFTConfig, ctx: StageContext) -> tuple[str, str]:
     if not storage.exists(storage.join(model_dir, "config.json")):
         raise ConfigError("stages.sft.init_from" if config.init_from else "stages.sft",
                           f"{model_dir} is not a Hugging Face model directory (no config.json)")
-    tok_src = (storage.join(ctx.upstream["tokenize"].out_dir, "tokenizer") if "tokenize" in ctx.upstream
-               else model_dir)
-    return model_dir, tok_src
+    own = storage.exists(storage.join(model_dir, "tokenizer.json"))
+    if "tokenize" in ctx.upstream and not (config.init_from and own):
+        return model_dir, storage.join(ctx.upstream["tokenize"].out_dir, "tokenizer")
+    return model_dir, model_dir
 
 
 def _check_model(model_dir: str, tok_json: str, config: SFTConfig) -> None:

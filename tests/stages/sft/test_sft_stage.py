@@ -169,3 +169,23 @@ def test_config_errors_name_the_field(inputs):
     assert cfg.train.lr == 2e-5 and cfg.train.steps == 50  # a partial train block keeps the sft defaults
     with pytest.raises(ValueError, match="truncation"):
         SFTConfig(data="x", truncation="cut")
+
+
+def test_model_and_tokenizer_sources(tmp_path, inputs):
+    from pipeline.stage import Upstream
+    from stages.sft.run import _sources
+
+    tokenize = Upstream("tokenize", str(tmp_path / "tokenize"), "f1", {})
+    pretrain = Upstream("pretrain", str(tmp_path / "pretrain"), "f2", {})
+    ctx = stage_context(tmp_path / "sft", None)
+    ctx.upstream = {"tokenize": tokenize, "pretrain": pretrain}
+    base = inputs["base"]
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "model").symlink_to(base)
+    model, tok = _sources(SFTConfig(data="x"), ctx)
+    assert (model, tok) == (str(tmp_path / "pretrain" / "model"), str(tmp_path / "tokenize" / "tokenizer"))
+    ctx.upstream = {"tokenize": tokenize}  # an init_from model brings its own tokenizer
+    assert _sources(SFTConfig(data="x", init_from=str(base)), ctx) == (str(base), str(base))
+    ctx.upstream = {}
+    with pytest.raises(ConfigError, match="not a Hugging Face model directory"):
+        _sources(SFTConfig(data="x", init_from=str(tmp_path)), ctx)
