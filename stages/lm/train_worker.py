@@ -166,7 +166,7 @@ def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
 def _train_step(engine, loader, lc: dict[str, Any], env: WorkerEnv, step: int
                 ) -> tuple[dict[str, float], int, int]:
     """One optimizer step (1-based ``step``) of ``grad_accum`` micro-batches. Returns (metrics averaged over
-    micro-batches and ranks, this rank's tokens, the batches' sequence length)."""
+    micro-batches and ranks, tokens of all ranks, the batches' sequence length)."""
     task, train = lc["task"], lc["train"]
     sums: dict[str, float] = {}
     tokens = skipped = done = 0
@@ -190,7 +190,9 @@ def _train_step(engine, loader, lc: dict[str, Any], env: WorkerEnv, step: int
         for k, v in {"loss": loss, **extra}.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
     gn = gn0 if gn0 is not None else _grad_norm(engine)
-    metrics = mean_over_ranks({k: v / train.grad_accum for k, v in sums.items()}, env.device)
+    metrics = mean_over_ranks({**{k: v / train.grad_accum for k, v in sums.items()}, "~tokens": tokens},
+                              env.device)
+    tokens = round(metrics.pop("~tokens") * env.world)
     if not np.isfinite(gn):
         raise NonFiniteLoss(step, "gradient norm")
     metrics |= {"lr": lr_at(train, step - 1), "grad_norm": gn}
@@ -291,9 +293,9 @@ def train_loop(lc: dict[str, Any]) -> None:
             metrics, tokens, seq_len = _train_step(engine, loader, lc, env, step)
             dt = time.perf_counter() - t0
             state["step"] = step
-            state["tokens"] += tokens * env.world
+            state["tokens"] += tokens
             state["consumed_samples"] += train.micro_batch * train.grad_accum * env.world
-            tps = tokens * env.world / dt
+            tps = tokens / dt
             perf = {"tokens_per_s": tps, "step_time_s": dt}
             if peak:
                 perf["mfu"] = mfu(tps / env.world, flops_per_token(engine.module.cfg, seq_len), peak)
