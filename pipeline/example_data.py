@@ -6,7 +6,8 @@
   which gives natural near-duplicates for the dedupe stage);
 - ``instruct/{train,val}.jsonl``: "What does `json.dumps` do?" answered by the member's documented summary,
   mostly as chat ``messages``, some as ``prompt``/``completion``;
-- ``prefs/{train,val}.jsonl``: the right summary as ``chosen``, another module's summary as ``rejected``;
+- ``prefs/{train,val}.jsonl``: the right summary as ``chosen``; as ``rejected`` another module's summary
+  (a wrong answer) or, for every other pair, the right summary cut off half-way (an incomplete one);
 - ``eval/mc.jsonl``: which of four summaries belongs to a member (held-out members only);
 - ``eval/prompts.jsonl``: a dozen held-out questions for greedy generations.
 
@@ -123,8 +124,15 @@ def _distractors(m: Member, pool: list[Member], rng: random.Random, k: int) -> l
     return picked
 
 
+def _cut_off(summary: str) -> str | None:
+    """The answer stopped half-way through (a classic failure a preference set teaches away from)."""
+    words = summary.rstrip(" .").split()
+    return " ".join(words[: len(words) // 2]) if len(words) >= 6 else None
+
+
 def _preference(m: Member, pool: list[Member], rng: random.Random, i: int) -> dict:
-    rejected = _distractors(m, pool, rng, 1)[0]
+    # Two kinds of worse answer: another member's summary (wrong), or this one cut off (incomplete).
+    rejected = (_cut_off(m.summary) if i % 2 else None) or _distractors(m, pool, rng, 1)[0]
     if i % 5 == 4:
         return {"prompt": [{"role": "user", "content": _question(m)}],
                 "chosen": [{"role": "assistant", "content": m.summary}],
@@ -151,7 +159,8 @@ def write_all(out_dir: Path, max_modules: int = 1000, seed: int = 0) -> Path:
     rng = random.Random(seed)
     for split, ms in (("train", train), ("val", held)):
         _write_jsonl(out_dir / f"instruct/{split}.jsonl", [_instruction(m, i) for i, m in enumerate(ms)])
-        pairs = [_preference(m, tasks, rng, i) for i, m in enumerate(ms)]
+        # Wrong answers come from the same split: a held-out pair must not reuse a training answer.
+        pairs = [_preference(m, ms, rng, i) for i, m in enumerate(ms)]
         _write_jsonl(out_dir / f"prefs/{split}.jsonl", pairs)
     _write_jsonl(out_dir / "eval" / "mc.jsonl", [_multiple_choice(m, tasks, rng) for m in held])
     _write_jsonl(out_dir / "eval" / "prompts.jsonl", [{"prompt": _question(m)} for m in held[:12]])
