@@ -126,7 +126,9 @@ class Tracker:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         if self._sysmon is None:
-            self._sysmon = SystemMetricsMonitor(self.run_id, sampling_interval=5, samples_before_logging=1)
+            # The URI is passed explicitly: in a Ray worker the process-wide default is not this store.
+            self._sysmon = SystemMetricsMonitor(self.run_id, sampling_interval=5, samples_before_logging=1,
+                                                resume_logging=True, tracking_uri=self.uri)
             self._sysmon.start()
 
     def flush(self) -> None:
