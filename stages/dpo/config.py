@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
-from pipeline.errors import ConfigError
 from pipeline.stage import StrictModel, volatile
-from stages.lm.train_config import CheckpointConfig, DeepSpeedSpec, EvalConfig, ScalingConfig, TrainConfig
+from stages.lm.train_config import (
+    CheckpointConfig,
+    DeepSpeedSpec,
+    EvalConfig,
+    ScalingConfig,
+    TrainConfig,
+    start_model_check,
+)
 
 
 class DPOConfig(StrictModel):
@@ -56,13 +62,5 @@ class DPOConfig(StrictModel):
         return self
 
 
-def check(config: BaseModel, present: set[str]) -> None:
-    """Cross-stage rule: the model comes from the sft stage or from ``init_from``, never both."""
-    init_from = getattr(config, "init_from", None)
-    if "sft" in present and init_from:
-        raise ConfigError("stages.dpo.init_from",
-                          "the pipeline has an sft stage and dpo starts from its model; remove "
-                          "stages.dpo.init_from (or remove the sft stage)")
-    if "sft" not in present and not init_from:
-        raise ConfigError("stages.dpo.init_from",
-                          "required when the pipeline has no sft stage: a Hugging Face model directory")
+# Cross-stage rule: the model comes from the sft stage or from ``init_from``, never both.
+check = start_model_check("dpo", "sft")

@@ -7,10 +7,12 @@ Each training stage's config has the fields ``train``, ``scaling``, ``deepspeed`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
+from pipeline.errors import ConfigError
 from pipeline.stage import StrictModel
 
 
@@ -85,3 +87,21 @@ class EvalConfig(StrictModel):
 
     every: int = Field(0, ge=0)
     batches: int = Field(8, gt=0)
+
+
+def start_model_check(stage: str, upstream: str) -> Callable[[BaseModel, set[str]], None]:
+    """The cross-stage rule of a fine-tuning stage: its starting model is the ``upstream`` stage's
+    ``model/`` or the stage's ``init_from`` directory, never both, never neither."""
+
+    def check(config: BaseModel, present: set[str]) -> None:
+        init_from = getattr(config, "init_from", None)
+        if upstream in present and init_from:
+            raise ConfigError(f"stages.{stage}.init_from",
+                              f"the pipeline has the {upstream} stage and {stage} starts from its model; "
+                              f"remove stages.{stage}.init_from (or remove the {upstream} stage)")
+        if upstream not in present and not init_from:
+            raise ConfigError(f"stages.{stage}.init_from",
+                              f"required when the pipeline has no {upstream} stage: a Hugging Face model "
+                              "directory")
+
+    return check

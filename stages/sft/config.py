@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from pipeline.errors import ConfigError
 from pipeline.stage import StrictModel, volatile
-from stages.lm.train_config import CheckpointConfig, DeepSpeedSpec, EvalConfig, ScalingConfig, TrainConfig
+from stages.lm.train_config import (
+    CheckpointConfig,
+    DeepSpeedSpec,
+    EvalConfig,
+    ScalingConfig,
+    TrainConfig,
+    start_model_check,
+)
 
 # Fine-tuning defaults (TRL's SFTTrainer lr, no weight decay); a partial `train:` block is merged into them.
 TRAIN_DEFAULTS: dict[str, Any] = dict(steps=1000, lr=2e-5, min_lr=2e-6, warmup=30, weight_decay=0.0)
@@ -54,13 +60,5 @@ class SFTConfig(StrictModel):
         return self
 
 
-def check(config: BaseModel, present: set[str]) -> None:
-    """Cross-stage rule: the model comes from the pretrain stage or from ``init_from``, never both."""
-    init_from = getattr(config, "init_from", None)
-    if "pretrain" in present and init_from:
-        raise ConfigError("stages.sft.init_from",
-                          "the pipeline has a pretrain stage and sft starts from its model; remove "
-                          "stages.sft.init_from (or remove the pretrain stage)")
-    if "pretrain" not in present and not init_from:
-        raise ConfigError("stages.sft.init_from",
-                          "required when the pipeline has no pretrain stage: a Hugging Face model directory")
+# Cross-stage rule: the model comes from the pretrain stage or from ``init_from``, never both.
+check = start_model_check("sft", "pretrain")

@@ -34,7 +34,7 @@ def test_bad_configs_name_the_key(dpo, where, message):
 def test_sft_and_init_from_exclude_each_other():
     sft = {"data": "i.jsonl", "init_from": "m"}
     _validate({"data": "x.jsonl"}, sft=sft)
-    with pytest.raises(ConfigError, match="the pipeline has an sft stage"):
+    with pytest.raises(ConfigError, match="the pipeline has the sft stage"):
         _validate({"data": "x.jsonl", "init_from": "m"}, sft=sft)
 
 
