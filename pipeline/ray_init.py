@@ -25,7 +25,10 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         return
     ray.init(
         num_cpus=num_cpus,
-        include_dashboard=False,
+        # The dashboard (on loopback only) serves the State API that Ray Train V2's placement-group cleaner
+        # polls; without it the cleaner fails every poll and floods the log.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
         runtime_env=runtime_env,
         log_to_driver=True,
