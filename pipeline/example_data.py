@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import inspect
 import json
+import os
 import pkgutil
 import pydoc
 import random
@@ -57,6 +58,26 @@ def summary_of(doc: str, limit: int = 300) -> str:
     return ""
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def render_page(obj: object) -> str:
+    """The pydoc text page of ``obj``, with nothing of this machine in it.
+
+    Default values are rendered with ``repr``: ``os.environ`` as a default (``cgi.parse(environ=os.environ)``)
+    would write this process's environment variables, secrets included, into the corpus; object addresses
+    would make the corpus differ from run to run.
+    """
+    env_type = type(os.environ)
+    saved = env_type.__repr__
+    env_type.__repr__ = lambda self: "os.environ"
+    try:
+        page = pydoc.plain(pydoc.render_doc(obj, renderer=pydoc.plaintext))
+    finally:
+        env_type.__repr__ = saved
+    return _ADDRESS.sub("", page)
+
+
 def collect_members(max_modules: int = 1000) -> list[Member]:
     """Documented public routines and classes of the first ``max_modules`` importable stdlib modules."""
     wanted = sys.stdlib_module_names - _SKIP
@@ -75,7 +96,7 @@ def collect_members(max_modules: int = 1000) -> list[Member]:
                 continue
             if not isinstance(doc, str) or len(doc) < 80:
                 continue
-            page = pydoc.plain(pydoc.render_doc(obj, renderer=pydoc.plaintext))
+            page = render_page(obj)
             members.append(Member(f"{name}.{attr}", name, page, summary_of(doc)))
     return members
 
@@ -89,9 +110,9 @@ def _write_corpus(out_dir: Path, members: list[Member], files: int = 4) -> Path:
     out = out_dir / "corpus"
     out.mkdir(parents=True, exist_ok=True)
     for i in range(files):
-        with gzip.open(out / f"part-{i:02d}.jsonl.gz", "wt") as f:
-            for m in members[i::files]:
-                f.write(json.dumps({"id": m.qualname, "text": m.page}) + "\n")
+        text = "".join(json.dumps({"id": m.qualname, "text": m.page}) + "\n" for m in members[i::files])
+        # mtime=0: the same corpus gives the same bytes (no time stamp in the gzip header).
+        (out / f"part-{i:02d}.jsonl.gz").write_bytes(gzip.compress(text.encode(), mtime=0))
     return out
 
 

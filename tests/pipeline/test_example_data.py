@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,21 @@ def test_example_data_writes_every_set_without_train_val_leaks(tmp_path):
     for item in mc:
         assert len(set(item["choices"])) == 4 and 0 <= item["gold"] < 4
     assert len(_rows(out / "eval/prompts.jsonl")) == 12
+
+
+def _write(out: Path, cwd: Path, secret: str) -> dict[str, bytes]:
+    cwd.mkdir()
+    env = dict(os.environ, SEEDLINE_TEST_SECRET=secret)
+    subprocess.run([sys.executable, "-m", "pipeline", "example-data", str(out)], cwd=cwd, env=env,
+                   capture_output=True, check=True)
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.jsonl*"))}
+
+
+def test_example_data_is_the_same_everywhere_and_holds_no_environment(tmp_path):
+    # pydoc renders default values such as cgi.parse(environ=os.environ) and object addresses.
+    first = _write(tmp_path / "a", tmp_path / "cwd-a", "s3cr3t-value-one")
+    second = _write(tmp_path / "b", tmp_path / "cwd-b", "s3cr3t-value-two")
+    assert first == second
+    text = b"".join(gzip.decompress(v) if k.endswith(".gz") else v for k, v in first.items())
+    assert b"s3cr3t-value" not in text and str(tmp_path).encode() not in text
+    assert b" at 0x" not in text
