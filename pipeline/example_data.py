@@ -75,7 +75,17 @@ def render_page(obj: object) -> str:
         page = pydoc.plain(pydoc.render_doc(obj, renderer=pydoc.plaintext))
     finally:
         env_type.__repr__ = saved
-    return _ADDRESS.sub("", page)
+    return _local_paths(_ADDRESS.sub("", page))
+
+
+def _local_paths(page: str) -> str:
+    """This installation's paths (``platform.architecture(executable=sys.executable)``) made generic."""
+    paths = {sys.executable: "python", sys.prefix: "<prefix>", sys.base_prefix: "<prefix>",
+             os.getcwd(): "<cwd>", os.path.expanduser("~"): "<home>"}
+    for path in sorted(paths, key=len, reverse=True):
+        if len(path) > 1:
+            page = page.replace(path, paths[path])
+    return page
 
 
 def collect_members(max_modules: int = 1000) -> list[Member]:

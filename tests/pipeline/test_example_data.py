@@ -66,3 +66,5 @@ def test_example_data_is_the_same_everywhere_and_holds_no_environment(tmp_path):
     text = b"".join(gzip.decompress(v) if k.endswith(".gz") else v for k, v in first.items())
     assert b"s3cr3t-value" not in text and str(tmp_path).encode() not in text
     assert b" at 0x" not in text
+    # Nor this installation's paths (platform.architecture(executable=sys.executable)).
+    assert sys.prefix.encode() not in text and sys.executable.encode() not in text
