@@ -170,7 +170,10 @@ def _describe_progress(p: dict) -> str:
 
 
 @app.command()
-def plan(config: Path, overrides: Overrides = None) -> None:
+def plan(config: Path, overrides: Overrides = None,
+         show_config: bool = typer.Option(False, "--show-config", "-c",
+                                          help="also print each stage's resolved config (defaults merged) "
+                                               "as YAML, as run.json will record it")) -> None:
     """What would run or be skipped, and which config keys changed for a stage that would re-run."""
     from pipeline.config import load_config
     from pipeline.fingerprint import result_fields
@@ -198,6 +201,12 @@ def plan(config: Path, overrides: Overrides = None) -> None:
             why = ", ".join(f"stages.{n.name}.{k}" for k in changed) or "an upstream stage changed"
             line += f"  (was {old}; changed: {why})"
         typer.echo(line)
+    if show_config:
+        import yaml
+
+        from pipeline.config import resolved
+
+        typer.echo(yaml.safe_dump({"stages": resolved(cfg)["stages"]}, sort_keys=False).rstrip())
 
 
 @app.command()

@@ -13,18 +13,57 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline import storage
 from pipeline.errors import ConfigError
 
 
 class StrictModel(BaseModel):
-    """Base for every config model: unknown keys are errors."""
+    """Base for every config model: unknown keys are errors, and a partial nested block keeps the
+    declaring model's defaults.
+
+    A field whose default is a model instance built with explicit values (a stage's own defaults, e.g.
+    dpo's ``train: TrainConfig = TrainConfig(lr=1e-6, ...)``) is merged key by key, at every nesting
+    level, under what the user wrote: ``train: {steps: 200}`` keeps dpo's ``lr``, not the class default
+    of ``TrainConfig``. A model whose fields are alternatives (one of ``path`` or ``train``) sets
+    ``merge_defaults = False``: a given block then replaces the default whole.
+    """
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    merge_defaults: ClassVar[bool] = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_declared_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        merged: dict[str, Any] | None = None
+        for name, info in cls.model_fields.items():
+            given = data.get(name)
+            if not isinstance(given, dict) or info.is_required():
+                continue
+            default = info.get_default(call_default_factory=True)
+            if isinstance(default, StrictModel) and type(default).merge_defaults:
+                # The fields the declaration set, each whole (a nested instance given there is part of it).
+                declared = {k: v for k, v in default.model_dump().items() if k in default.model_fields_set}
+                if declared:
+                    merged = merged if merged is not None else dict(data)
+                    merged[name] = deep_merge(declared, given)
+        return data if merged is None else merged
+
+
+def deep_merge(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``given`` on top, recursively for keys whose values are mappings on both sides."""
+    out = dict(base)
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def volatile(default: Any = None, **kwargs: Any) -> Any:

@@ -6,18 +6,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.stage import StrictModel, volatile
-from stages.lm.train_config import (
-    CheckpointConfig,
-    DeepSpeedSpec,
-    EvalConfig,
-    ScalingConfig,
-    TrainConfig,
-    start_model_check,
-)
+from stages.lm.train_config import EvalConfig, TrainConfig, TrainingStageConfig, start_model_check
 
 
-class DPOConfig(StrictModel):
+class DPOConfig(TrainingStageConfig):
     """Direct preference optimisation of the sft model against a frozen copy of itself.
 
     The policy and the reference start from the sft stage's ``model/`` (or ``init_from``, a Hugging Face
@@ -41,13 +33,10 @@ class DPOConfig(StrictModel):
                                   "training), or a frozen reference model kept in memory; same results")
     init_from: str | None = Field(None, description="a Hugging Face model directory to start from "
                                                     "(only without an sft stage)")
+    # DPO's usual settings (TRL's examples): a small learning rate, short warmup, no weight decay.
     train: TrainConfig = TrainConfig(steps=500, micro_batch=4, lr=1e-6, min_lr=0.0, warmup=10,
                                      weight_decay=0.0)
-    scaling: ScalingConfig = ScalingConfig()
-    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
-    checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig(every=100, batches=16)
-    log_every: int = volatile(10, ge=1, description="training metrics to MLflow every this many steps")
 
     @model_validator(mode="after")
     def _check(self) -> DPOConfig:

@@ -1,7 +1,9 @@
 """Config pieces shared by the training stages (pretrain, sft, dpo); torch-free.
 
-Each training stage's config has the fields ``train``, ``scaling``, ``deepspeed``, ``checkpoint`` and
-``eval`` of these types (the stage picks its defaults) plus its own data fields. See
+Each training stage's config subclasses ``TrainingStageConfig`` (sections ``train``, ``scaling``,
+``deepspeed``, ``checkpoint``, ``eval`` and ``log_every``) and declares its own defaults once by
+re-declaring a section with a default instance, e.g. ``train: TrainConfig = TrainConfig(lr=1e-6)``; a
+partial block in a pipeline config is merged key by key under those defaults (``StrictModel``). See
 ``stages/lm/trainer.py`` for how ``fit`` uses them.
 """
 
@@ -13,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from pipeline.errors import ConfigError
-from pipeline.stage import StrictModel
+from pipeline.stage import StrictModel, volatile
 
 
 class TrainConfig(StrictModel):
@@ -87,6 +89,18 @@ class EvalConfig(StrictModel):
 
     every: int = Field(0, ge=0)
     batches: int = Field(8, gt=0)
+
+
+class TrainingStageConfig(StrictModel):
+    """The sections every training stage has; ``fit`` takes this type. Subclasses add their data fields
+    and re-declare a section with a default instance to set the stage's own defaults."""
+
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+    log_every: int = volatile(10, ge=1, description="steps between MLflow metric points and log lines")
 
 
 def start_model_check(stage: str, upstream: str) -> Callable[[BaseModel, set[str]], None]:

@@ -25,10 +25,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pipeline.errors import SeedlineError
 from pipeline.stage import StageContext
+from stages.lm.train_config import TrainingStageConfig
 from stages.lm.train_worker import ERROR_FILE, RESULT_FILE, train_loop
 
 KILL_ENV = "SEEDLINE_TRAIN_KILL_AT_STEP"
@@ -126,9 +126,9 @@ def _hooks() -> dict[str, int]:
     return hooks
 
 
-def fit(task: TrainTask, cfg: Any, ctx: StageContext) -> FitResult:
-    """Train ``task`` with ``cfg`` (``.train .scaling .deepspeed .checkpoint .eval``, optional
-    ``.log_every``), resuming from ``<ctx.out_dir>/checkpoints``; see the module docstring."""
+def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext) -> FitResult:
+    """Train ``task`` with the stage's training sections, resuming from ``<ctx.out_dir>/checkpoints``;
+    see the module docstring."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -146,7 +146,7 @@ def fit(task: TrainTask, cfg: Any, ctx: StageContext) -> FitResult:
     sc = cfg.scaling
     loop_config = {
         "task": task, "train": cfg.train, "scaling": sc, "deepspeed": cfg.deepspeed,
-        "checkpoint": cfg.checkpoint, "eval": cfg.eval, "log_every": getattr(cfg, "log_every", 10),
+        "checkpoint": cfg.checkpoint, "eval": cfg.eval, "log_every": cfg.log_every,
         "out_dir": str(out), "tracker_spec": ctx.tracker.spec(), "progress": ctx.progress, "hooks": hooks,
         "peak_flops": _peak_flops(sc),
     }

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from pipeline.stage import StrictModel, volatile
-from stages.lm.train_config import (
-    CheckpointConfig,
-    DeepSpeedSpec,
-    EvalConfig,
-    ScalingConfig,
-    TrainConfig,
-    start_model_check,
-)
-
-# Fine-tuning defaults (TRL's SFTTrainer lr, no weight decay); a partial `train:` block is merged into them.
-TRAIN_DEFAULTS: dict[str, Any] = dict(steps=1000, lr=2e-5, min_lr=2e-6, warmup=30, weight_decay=0.0)
+from stages.lm.train_config import TrainConfig, TrainingStageConfig, start_model_check
 
 
-class SFTConfig(StrictModel):
+class SFTConfig(TrainingStageConfig):
     """Supervised fine-tuning on chat data with an assistant-only loss.
 
     The model starts from the pretrain stage's ``model/`` (or ``init_from``, a Hugging Face Llama
@@ -40,17 +29,8 @@ class SFTConfig(StrictModel):
         "truncate", description="examples longer than max_len: cut at max_len, or leave out (both counted)")
     init_from: str | None = Field(None, description="a Hugging Face model directory to start from "
                                                     "(only without a pretrain stage)")
-    train: TrainConfig = TrainConfig(**TRAIN_DEFAULTS)
-    scaling: ScalingConfig = ScalingConfig()
-    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    eval: EvalConfig = EvalConfig()
-    log_every: int = volatile(10, ge=1, description="training metrics to MLflow every this many steps")
-
-    @field_validator("train", mode="before")
-    @classmethod
-    def _train_defaults(cls, value: Any) -> Any:
-        return {**TRAIN_DEFAULTS, **value} if isinstance(value, dict) else value
+    # Fine-tuning defaults: TRL's SFTTrainer learning rate, no weight decay.
+    train: TrainConfig = TrainConfig(steps=1000, lr=2e-5, min_lr=2e-6, warmup=30, weight_decay=0.0)
 
     @model_validator(mode="after")
     def _check(self) -> SFTConfig:

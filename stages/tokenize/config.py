@@ -26,6 +26,8 @@ class TrainTokenizer(StrictModel):
 class TokenizerSource(StrictModel):
     """Exactly one of ``path`` (a ``tokenizer.json`` or a directory holding one) or ``train``."""
 
+    merge_defaults = False  # alternatives: a given block replaces the default whole
+
     path: str | None = Field(None, description="tokenizer.json or a HF tokenizer directory")
     train: TrainTokenizer | None = None
 
