@@ -241,6 +241,29 @@ def example_data(out_dir: Path) -> None:
     typer.echo(write_all(out_dir))
 
 
+export_app = typer.Typer(no_args_is_help=True, help="Write a stage's model in another format.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("gguf")
+def export_gguf(
+    run_dir: str = typer.Argument(..., help="the run directory (<workdir>/<name>)"),
+    stage: str | None = typer.Option(None, "--stage", help="the stage whose model/ to export "
+                                     "(default: the last stage of the run with a model)"),
+    out: str | None = typer.Option(None, "--out", help="the GGUF file (default: <stage dir>/model.gguf)"),
+    file_type: str = typer.Option("f32", "--type", help="weights: f32 (exact) or f16 (half the size)"),
+) -> None:
+    """Write a stage's model as a GGUF file (llama.cpp, Ollama; transformers loads it with gguf_file=)."""
+    from stages.lm.gguf_export import FILE_TYPES, export_run_gguf
+
+    try:
+        if file_type not in FILE_TYPES:
+            raise ConfigError("--type", f"{file_type!r} is not one of {', '.join(FILE_TYPES)}")
+        typer.echo(export_run_gguf(run_dir, stage, out, file_type))
+    except (SeedlineError, FileNotFoundError, ValueError) as e:
+        _fail(e)
+
+
 def main() -> None:
     import logging
 
