@@ -3,21 +3,40 @@
 from __future__ import annotations
 
 import os
+import sys
+
+# Ray replaces a loopback ``_node_ip_address`` with the machine's external address unless "clusters" are
+# off (its macOS/Windows mode): then every process of the node (GCS, raylet, object manager, workers,
+# dashboard agent, runtime-env agent) binds to 127.0.0.1. Read by Ray at import time and by every process
+# it starts, so it is set in the environment before Ray starts.
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+LOOPBACK = "127.0.0.1"
+
+
+def _loopback_only() -> None:
+    """Make the Ray node started by this process listen on loopback only."""
+    os.environ[LOCAL_ONLY_ENV] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # Ray was imported before the variable was set (a stage imports it early)
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Initialise Ray once per process.
 
     ``address=None`` attaches to the cluster when running inside a Ray job (``RAY_ADDRESS`` is set
-    there), else starts a local Ray bound to 127.0.0.1 only, so nothing listens on other interfaces.
+    there), else starts a local Ray whose every listening socket is on 127.0.0.1 (tested in
+    ``tests/pipeline/test_hardening_ray.py``), so nothing is reachable from other machines.
     """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        _loopback_only()
     import ray
 
     if ray.is_initialized():
         return
     env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}
     runtime_env = {"env_vars": {k: v for k, v in env.items() if v}}
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         # Inside a Ray job the job's runtime env already carries the variables; passing ours would clash.
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
@@ -28,8 +47,8 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         # The dashboard (on loopback only) serves the State API that Ray Train V2's placement-group cleaner
         # polls; without it the cleaner fails every poll and floods the log.
         include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
+        dashboard_host=LOOPBACK,
+        _node_ip_address=LOOPBACK,
         runtime_env=runtime_env,
         log_to_driver=True,
         configure_logging=False,

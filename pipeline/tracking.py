@@ -7,24 +7,55 @@ must stay fast.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
-import re
+import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-_SECRET_KEY = re.compile(r"(token|secret|password|passwd|credential|api_key|access_key)", re.I)
-_URL_CREDENTIALS = re.compile(r"(://)[^/@\s:]+:[^/@\s]+@")
+from pipeline.redact import redact_value
+
 _MAX_PARAM_LEN = 6000
 
 
 def redact(key: str, value: Any) -> str:
-    """A parameter value safe to store: secrets by key name and URL credentials are masked."""
-    if _SECRET_KEY.search(key):
-        return "***"
-    return _URL_CREDENTIALS.sub(r"\1***:***@", str(value))[:_MAX_PARAM_LEN]
+    """A parameter value safe to store (``pipeline.redact``'s rule), cut to MLflow's length limit."""
+    return str(redact_value(key, value))[:_MAX_PARAM_LEN]
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for servers and in-memory databases)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):]
+    return None if not path or path == ":memory:" else Path(path)
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Exclusive use of a SQLite tracking store while it is created and its experiment looked up.
+
+    Two drivers starting on a fresh workdir would otherwise both run MLflow's schema migration (one fails
+    with alembic's "Online migration expected to match one row") or both create the experiment. The lock
+    is an ``flock`` on ``<db>.lock``: released by the kernel if its holder dies.
+    """
+    db = _sqlite_file(uri)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{db}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -184,10 +215,25 @@ class PipelineTracking:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-            experiment, artifact_location=artifact_location)
+        with store_lock(uri):
+            self.client = MlflowClient(tracking_uri=uri)
+            self.experiment_id = self._experiment(experiment, artifact_location)
+
+    def _experiment(self, name: str, artifact_location: str | None) -> str:
+        """The experiment's id, created if needed; a server shared with another driver may create it
+        between the look-up and the creation, which is fine."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(name)
+        if exp:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def parent(self, run_id: str | None, name: str, tags: dict[str, str]) -> str:
         """The parent run id: the recorded one re-opened, or a new run."""
