@@ -6,7 +6,7 @@ export DS_ACCELERATOR := cpu
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]" --no-deps
-	$(PY) -m pip install -q pydantic pyyaml typer rich fsspec numpy pyarrow "mlflow[auth]" psutil matplotlib "ray[default,train,data]" datasketch xxhash zstandard tokenizers transformers safetensors numba "moto[server]" s3fs "lm_eval[hf]>=0.4.13" pytest pytest-timeout ruff
+	$(PY) -m pip install -q pydantic pyyaml typer rich fsspec numpy pyarrow "mlflow[auth]" psutil matplotlib "ray[default,train,data]" datasketch xxhash zstandard tokenizers tiktoken transformers safetensors numba "moto[server]" s3fs "lm_eval[hf]>=0.4.13" datatrove pytest pytest-timeout ruff
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation deepspeed
 	touch .venv/.installed
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field, model_validator
 
 from pipeline.errors import ConfigError
@@ -61,6 +63,9 @@ class TokenizeConfig(StrictModel):
                     "before encoding (keeps encoding linear in document length)")
     num_workers: int | None = volatile(None, ge=1, description="concurrent Ray tasks (default: cluster CPUs)")
     batch_chars: int = volatile(1 << 20, ge=1, description="characters per encode_batch call")
+    encoder: Literal["auto", "tokenizers"] = volatile(
+        "auto", description="auto: tiktoken with the tokenizer's ranks when that gives identical ids "
+                            "(checked), else HF tokenizers; tokenizers: always HF tokenizers")
 
     @model_validator(mode="after")
     def _check(self) -> TokenizeConfig:

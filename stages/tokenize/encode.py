@@ -1,5 +1,8 @@
 """Encode step (a Ray task per input file): read, quarantine, split train/val, encode, append end-of-text.
 
+Encoding goes through tiktoken when the driver found that it gives the HF tokenizer's exact ids
+(``fast_bpe``), else through HF ``tokenizers``.
+
 Output per input file and split: ``work/enc/NNNNN-<split>.arrow``, an Arrow IPC file with one column
 ``ids`` (``large_list<uint16|uint32>``): one row per document, its tokens followed by end-of-text. Record
 batches follow encode batches; the pack step reads them memory-mapped. The marker
@@ -12,6 +15,7 @@ import contextlib
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -22,6 +26,7 @@ from tokenizers import Tokenizer
 
 from pipeline import storage
 from stages.common.records import InputFile, Record, RecordReader, Reject
+from stages.tokenize import fast_bpe
 from stages.tokenize.layout import SPLITS, Layout
 from stages.tokenize.sources import Sources, is_val, split_text
 
@@ -36,6 +41,8 @@ class EncodeParams:
     batch_chars: int
     eot: int
     dtype: str
+    engine: str = "tokenizers"  # or "tiktoken": same ids, faster (``fast_bpe``; the driver checked it)
+    threads: int = 1  # tiktoken threads per task (cores left over when there are fewer files than cores)
 
 
 def encoded_schema(dtype: str) -> pa.Schema:
@@ -62,6 +69,40 @@ def worker_tokenizer(tok_json: str) -> Tokenizer:
         _TOKENIZERS.clear()
         _TOKENIZERS[key] = tok
     return tok
+
+
+Encode = Callable[[list[str]], list[Sequence[int]]]
+_ENCODERS: dict[tuple[str, str, int], Encode] = {}
+
+
+def worker_encoder(tok_json: str, engine: str, threads: int = 1) -> Encode:
+    """``texts -> token id lists`` (no special tokens added, special-token text encoded as plain text),
+    built once per worker process: HF ``tokenizers``, or tiktoken with the same ids (``fast_bpe``)."""
+    key = (hashlib.sha256(tok_json.encode("utf-8")).hexdigest(), engine, threads)
+    fn = _ENCODERS.get(key)
+    if fn is None:
+        if engine == "tiktoken":
+            fn = _tiktoken_encode(fast_bpe.build(tok_json, check_tokens=False), threads)
+        else:
+            tok = worker_tokenizer(tok_json)
+
+            def fn(texts: list[str]) -> list[Sequence[int]]:
+                return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+        _ENCODERS.clear()
+        _ENCODERS[key] = fn
+    return fn
+
+
+def _tiktoken_encode(enc: Any, threads: int) -> Encode:
+    def encode(texts: list[str]) -> list[Sequence[int]]:
+        for t in texts:
+            if not t.isascii():
+                # tiktoken would silently replace a lone surrogate; ``tokenizers`` refuses the text.
+                t.encode("utf-8")
+        if threads > 1:
+            return enc.encode_ordinary_batch(texts, num_threads=threads)
+        return [enc.encode_ordinary(t) for t in texts]
+    return encode
 
 
 def _batches(reader: RecordReader, max_chars: int):
@@ -103,7 +144,7 @@ class _SplitBuffer:
         return pa.record_batch([ids], schema=encoded_schema(dtype))
 
 
-def _encode_batch(tok: Tokenizer, batch: list[Record], p: EncodeParams, bufs: dict[str, _SplitBuffer],
+def _encode_batch(encode: Encode, batch: list[Record], p: EncodeParams, bufs: dict[str, _SplitBuffer],
                   stats: dict[str, Any]) -> None:
     texts: list[str] = []
     counts: list[int] = []
@@ -112,12 +153,12 @@ def _encode_batch(tok: Tokenizer, batch: list[Record], p: EncodeParams, bufs: di
         texts.extend(pieces)
         counts.append(len(pieces))
         stats["docs_cut"] += len(pieces) > 1
-    encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
+    encodings = encode(texts)
     eot = (p.eot,)
     i = 0
     for rec, k in zip(batch, counts, strict=True):
         split = "val" if is_val(rec.id, p.seed, p.val_threshold) else "train"
-        bufs[split].add([e.ids for e in encodings[i:i + k]], eot)
+        bufs[split].add(encodings[i:i + k], eot)
         stats["docs"][split] += 1
         stats["chars"][split] += len(rec.text)
         i += k
@@ -126,7 +167,7 @@ def _encode_batch(tok: Tokenizer, batch: list[Record], p: EncodeParams, bufs: di
 def encode_file(sources: Sources, f: InputFile, tok_json: str, p: EncodeParams, out: str) -> dict[str, Any]:
     """Encode one input file into ``work/enc``; returns (and writes as its marker) the file's stats."""
     lay = Layout(out)
-    tok = worker_tokenizer(tok_json)
+    encode = worker_encoder(tok_json, p.engine, p.threads)
     rejects: list[Reject] = []
     reader = sources.reader(f, rejects)
     stats: dict[str, Any] = {"source": f.index, "file": f.path, "docs_cut": 0,
@@ -140,7 +181,7 @@ def encode_file(sources: Sources, f: InputFile, tok_json: str, p: EncodeParams, 
             sink = stack.enter_context(pa.OSFile(str(tmp), "wb"))
             writers[s] = stack.enter_context(pa.ipc.new_file(sink, encoded_schema(p.dtype)))
         for batch in _batches(reader, p.batch_chars):
-            _encode_batch(tok, batch, p, bufs, stats)
+            _encode_batch(encode, batch, p, bufs, stats)
             for s in SPLITS:
                 rb = bufs[s].take(p.dtype)
                 if rb is not None:

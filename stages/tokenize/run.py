@@ -24,6 +24,7 @@ from pipeline import storage
 from pipeline.errors import SeedlineError
 from pipeline.stage import StageContext
 from stages.common.tasks import run_keyed_tasks
+from stages.tokenize import fast_bpe
 from stages.tokenize import tokenizer as tk
 from stages.tokenize.config import TokenizeConfig
 from stages.tokenize.encode import EncodeParams, encode_file
@@ -94,6 +95,19 @@ def _tokenizer(config: TokenizeConfig, sources: Sources, lay: Layout,
     return info, storage.read_text(storage.join(lay.tokenizer_dir, "tokenizer.json"))
 
 
+def _engine(config: TokenizeConfig, tok_json: str, ctx: StageContext) -> str:
+    """``tiktoken`` when it encodes this tokenizer with identical ids (``fast_bpe``), else ``tokenizers``."""
+    if config.encoder == "tokenizers":
+        return "tokenizers"
+    enc, why = fast_bpe.fast_encoder(tok_json)
+    if enc is None:
+        ctx.logger.info("tokenize: encoding with HF tokenizers (tiktoken would not give identical ids: %s)",
+                        why)
+        return "tokenizers"
+    ctx.logger.info("tokenize: encoding with tiktoken (same ids as HF tokenizers, checked)")
+    return "tiktoken"
+
+
 def _remove_intermediates(lay: Layout, n_files: int) -> None:
     for i in range(n_files):
         for s in SPLITS:
@@ -116,8 +130,11 @@ def run(config: TokenizeConfig, ctx: StageContext) -> dict[str, Any]:
     t0 = time.perf_counter()
     info, tok_json = _tokenizer(config, sources, lay, ctx)
     t1 = time.perf_counter()
+    engine = _engine(config, tok_json, ctx)
+    busy = max(1, min(workers, len(sources.files)))
     params = EncodeParams(config.seed, val_threshold(config.val_fraction), config.max_chunk_chars,
-                          config.batch_chars, info["special_token_ids"]["eot"], info["dtype"])
+                          config.batch_chars, info["special_token_ids"]["eot"], info["dtype"], engine,
+                          threads=max(1, int(ray.cluster_resources().get("CPU", 1)) // busy))
     tok_ref, src_ref = ray.put(tok_json), ray.put(sources)
     ctx.logger.info("tokenize: encoding %d %s files", len(sources.files), sources.origin)
     keys = [f.index for f in sources.files]
@@ -137,6 +154,7 @@ def run(config: TokenizeConfig, ctx: StageContext) -> dict[str, Any]:
     stats = build_stats(enc_list, manifest)
     storage.write_json(lay.stats, stats)  # the stage's own completion marker
     _remove_intermediates(lay, len(keys))
+    ctx.tracker.set_tags({"tokenize.encoder": engine})
     seconds = {"seconds_tokenizer": t1 - t0, "seconds_encode": t2 - t1, "seconds_pack": t3 - t2}
     ctx.tracker.log_metrics({k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
     ctx.tracker.log_metrics({**seconds, "tokens_per_second": stats["tokens"] / max(t3 - t1, 1e-9)})
