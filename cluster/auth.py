@@ -89,16 +89,28 @@ def host_of(address: str) -> str:
 def is_loopback(address: str) -> bool:
     """True when ``address`` names this machine through the loopback interface only.
 
-    Names are not resolved (DNS could say anything); ``localhost`` counts as loopback, ``0.0.0.0`` does
-    not (it means every interface).
+    ``localhost`` and ``*.localhost`` count only when every address they resolve to is a loopback one (a
+    resolver may map ``*.localhost`` anywhere); other names are not trusted; ``0.0.0.0`` is not loopback
+    (it means every interface).
     """
     host = host_of(address).lower()
     if host == "localhost" or host.endswith(".localhost"):
-        return True
+        return _resolves_to_loopback(host)
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _resolves_to_loopback(host: str) -> bool:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False
+    addrs = {info[4][0].split("%")[0] for info in infos}
+    return bool(addrs) and all(ipaddress.ip_address(a).is_loopback for a in addrs)
 
 
 def check_submission(address: str, token: Token | None, insecure: bool) -> list[str]:

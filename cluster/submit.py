@@ -96,12 +96,16 @@ def new_job_id(name: str) -> str:
     return f"seedline-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-def _effective(data: dict[str, Any]) -> tuple[dict[str, Any], PipelineConfig]:
-    """Validate, then pin what must not differ on the cluster: the absolute workdir, and no Ray address
-    (the job's stages attach to the cluster the job runs in)."""
+def _effective(data: dict[str, Any], address: str) -> tuple[dict[str, Any], PipelineConfig]:
+    """Validate and pre-flight, then pin what must not differ on the cluster: the absolute workdir, and no
+    Ray address (the job's stages attach to the cluster the job runs in)."""
+    from pipeline.preflight import check
+
     cfg = validate_config(copy.deepcopy(data))
     if cfg.tracking.enabled:
         cfg.tracking_uri()  # a URL workdir needs a tracking server: say so now, not inside the job
+    # Local input paths are checked only for a cluster on this machine: another one may see other files.
+    check(cfg, local_paths=auth.is_loopback(address))
     out = copy.deepcopy(data)
     out["workdir"] = cfg.workdir
     ray_section = dict(out.get("ray") or {})
@@ -130,7 +134,7 @@ def submit(config_path: str | Path, address: str, overrides: Iterable[str] = (),
         apply_override(data, o)
     if workdir:
         data["workdir"] = workdir
-    data, cfg = _effective(data)
+    data, cfg = _effective(data, address)
     keys = [o.partition("=")[0].strip() for o in overrides] + (["workdir"] if workdir else [])
     return _submit(address, token, cfg, data, kind="run", override_keys=keys, env=env, warnings=warnings,
                    warn=warn)
@@ -151,7 +155,7 @@ def resubmit(run_dir: str, address: str, insecure: bool = False) -> str:
     if data.get("name") != name:
         raise ConfigError("RUN_DIR", f"{run_dir} holds pipeline '{data.get('name')}', not '{name}'")
     data["workdir"] = parent or "/"
-    data, cfg = _effective(data)
+    data, cfg = _effective(data, address)
     sub = _submit(address, token, cfg, data, kind="resume", override_keys=[], env=(), warnings=warnings,
                   warn=_warn)
     return sub.job_id
@@ -162,9 +166,11 @@ def _config_of_run(run_dir: str) -> dict[str, Any]:
         path = entry.get("config")
         if path and storage.exists(path):
             return yaml.safe_load(storage.read_text(path))
-    run = storage.read_json_or(storage.join(run_dir, "run.json"), None)
+    from pipeline.preflight import read_run_json, resumable_config
+
+    run = read_run_json(run_dir)  # a corrupt run.json is a one-line error naming it
     if run and run.get("config"):
-        return copy.deepcopy(run["config"])
+        return copy.deepcopy(resumable_config(run_dir))
     raise ConfigError("RUN_DIR", f"no Seedline run at {run_dir} (neither {JOBS_FILE} nor run.json)")
 
 

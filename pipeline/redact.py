@@ -92,7 +92,7 @@ def holds_mask(obj: Any, path: str = "") -> str | None:
                 return found
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
-            found = holds_mask(v, f"{path}[{i}]")
+            found = holds_mask(v, f"{path}.{i}")
             if found:
                 return found
     elif isinstance(obj, str) and (obj == MASK or f"{MASK}@" in obj or f"={MASK}" in obj):

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from pipeline.preflight import GLOBS, MODEL_DIR
 from stages.lm.train_config import EvalConfig, TrainConfig, TrainingStageConfig, start_model_check
 
 
@@ -19,9 +20,11 @@ class DPOConfig(TrainingStageConfig):
     """
 
     data: str | list[str] = Field(
-        description="glob(s) of JSONL (.gz/.zst) or Parquet files with prompt/chosen/rejected (TRL format)")
+        description="glob(s) of JSONL (.gz/.zst) or Parquet files with prompt/chosen/rejected (TRL format)",
+        json_schema_extra=GLOBS)
     val: str | list[str] | None = Field(
-        None, description="held-out pairs, glob(s); default: val_fraction of the data (by content hash)")
+        None, description="held-out pairs, glob(s); default: val_fraction of the data (by content hash)",
+        json_schema_extra=GLOBS)
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share held out when `val` is not set")
     max_len: int = Field(1024, ge=8, le=1 << 20, description="tokens per sequence (prompt + completion)")
     max_prompt_len: int = Field(512, ge=1, description="prompt tokens kept (the end of a longer prompt)")
@@ -32,7 +35,8 @@ class DPOConfig(TrainingStageConfig):
         "precompute", description="reference log-probs from a first pass over the data (one model in "
                                   "training), or a frozen reference model kept in memory; same results")
     init_from: str | None = Field(None, description="a Hugging Face model directory to start from "
-                                                    "(only without an sft stage)")
+                                                    "(only without an sft stage)",
+        json_schema_extra=MODEL_DIR)
     # DPO's usual settings (TRL's examples): a small learning rate, short warmup, no weight decay.
     train: TrainConfig = TrainConfig(steps=500, micro_batch=4, lr=1e-6, min_lr=0.0, warmup=10,
                                      weight_decay=0.0)

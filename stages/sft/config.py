@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from pipeline.preflight import GLOBS, MODEL_DIR
 from stages.lm.train_config import TrainConfig, TrainingStageConfig, start_model_check
 
 
@@ -19,16 +20,19 @@ class SFTConfig(TrainingStageConfig):
     """
 
     data: str | list[str] = Field(
-        description="glob(s) of JSONL (.gz/.zst) or Parquet files with 'messages' or 'prompt'/'completion'")
+        description="glob(s) of JSONL (.gz/.zst) or Parquet files with 'messages' or 'prompt'/'completion'",
+        json_schema_extra=GLOBS)
     val: str | list[str] | None = Field(
-        None, description="held-out file glob(s); default: val_fraction of the data (by content hash)")
+        None, description="held-out file glob(s); default: val_fraction of the data (by content hash)",
+        json_schema_extra=GLOBS)
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share held out when `val` is not set")
     max_len: int = Field(2048, ge=8, le=1 << 20, description="tokens per row (an example, or a packed row)")
     packing: bool = Field(True, description="pack examples best-fit-decreasing into rows of max_len tokens")
     truncation: Literal["truncate", "drop"] = Field(
         "truncate", description="examples longer than max_len: cut at max_len, or leave out (both counted)")
     init_from: str | None = Field(None, description="a Hugging Face model directory to start from "
-                                                    "(only without a pretrain stage)")
+                                                    "(only without a pretrain stage)",
+        json_schema_extra=MODEL_DIR)
     # Fine-tuning defaults: TRL's SFTTrainer learning rate, no weight decay.
     train: TrainConfig = TrainConfig(steps=1000, lr=2e-5, min_lr=2e-6, warmup=30, weight_decay=0.0)
 
