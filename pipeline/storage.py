@@ -109,15 +109,37 @@ def read_json_or(path: str, default: Any) -> Any:
         return default
 
 
+def _read_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only be read by setting it, which
+    would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_read_umask()  # what open() gives a new file: world-readable under umask 022
+
+
 @contextlib.contextmanager
 def atomic_local_file(path: str) -> Iterator[Path]:
-    """Yield a temporary local path; on success it becomes ``path`` in one step."""
+    """Yield a temporary local path; on success it becomes ``path`` in one step, with the mode a newly
+    created file gets (``FILE_MODE``), whatever mode the writer gave the temporary file (safetensors
+    and ``tempfile`` create theirs 0600)."""
     p = local(path)
     if p is not None:
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             yield tmp
+            if tmp.exists():
+                os.chmod(tmp, FILE_MODE)
             os.replace(tmp, p)
         finally:
             if tmp.exists():

@@ -14,9 +14,10 @@ Two entry points, shared by the data stages (dedupe, tokenize):
     JSON, not a JSON object, lacks the text field, has a non-string or blank text, holds a string that
     is not valid Unicode (an unpaired surrogate escape), or has an unusable id. A truncated or corrupt
     compressed stream keeps every record read before the damage and adds one reject for the damage.
-    Blank lines are not records. Lines are numbered from 1 (Parquet rows too), and a document without
-    ``id_field`` gets the stable id ``"<id_prefix>:<line>"``. Reading is streaming and linear in the
-    input size, however long a single line is.
+    Blank lines are not records. Lines are numbered from 1 (Parquet rows too). Without ``id_field``, a
+    record's own ``id`` field (a string or integer) is its id, so the user's ids survive; a record without
+    one (or with ``null``) gets the stable id ``"<id_prefix>:<line>"``. Reading is streaming and linear in
+    the input size, however long a single line is.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pipeline.errors import ConfigError
 
 CHUNK_BYTES = 4 << 20
 SNIPPET_CHARS = 200
+DEFAULT_ID_FIELD = "id"  # used, when present, if no id_field is configured
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -272,13 +274,14 @@ class RecordReader:
         if not text or text.isspace():
             self._reject(line_no, f"field {tf!r} is empty", raw)
             return None
-        if self.id_field is None:
+        id_field = self.id_field or DEFAULT_ID_FIELD
+        if self.id_field is None and obj.get(id_field) is None:
             return Record(line_no, f"{self.id_prefix}:{line_no}", text, obj)
-        doc_id = obj.get(self.id_field)
+        doc_id = obj.get(id_field)
         if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or doc_id == "":
-            what = ("missing" if self.id_field not in obj
+            what = ("missing" if id_field not in obj else "empty" if doc_id == ""
                     else f"{_type_name(doc_id)} (need a string or integer)")
-            self._reject(line_no, f"id field {self.id_field!r} is {what}", raw)
+            self._reject(line_no, f"id field {id_field!r} is {what}", raw)
             return None
         return Record(line_no, str(doc_id), text, obj)
 

@@ -18,7 +18,8 @@ class DedupeConfig(StrictModel):
 
     input: str | list[str] = Field(description="glob(s) of JSONL, JSONL.gz, JSONL.zst or Parquet files")
     text_field: str = "text"
-    id_field: str | None = Field(None, description="input field holding document ids; else file:line")
+    id_field: str | None = Field(None, description="input field holding document ids; else the records' own "
+                                                   "`id` field where they have one, else file:line")
     exact: bool = Field(True, description="remove documents whose normalised text repeats an earlier one")
     near: bool = Field(True, description="remove near duplicates (MinHash LSH)")
     ngram: int = Field(5, ge=1, le=64, description="words per shingle")

@@ -31,6 +31,49 @@ def write_duplicates(out: str, shards: list[int], row_group_rows: int) -> None:
                 writer.write_table(table, row_group_size=row_group_rows)
 
 
+DATA_COLUMNS = {
+    "id": "the document's id: the input's id_field, else its own `id` field, else <file>:<line>",
+    "text": "the document's text, unchanged (the input's text_field)",
+}
+DUP_COLUMNS = {
+    "id": "id of a removed document",
+    "cluster_id": "id of its duplicate cluster: the id of the cluster's first document (input order)",
+    "kept_id": "id of the document kept in its place (in data/)",
+    "kind": "exact (same normalised text) or near (MinHash Jaccard >= threshold)",
+}
+REJECT_FIELDS = {"file": "input file", "line": "line (or Parquet row) number, from 1",
+                 "reason": "why the record was refused", "snippet": "its first characters"}
+
+
+def build_manifest(out: str, config: Any) -> dict[str, Any]:
+    """``manifest.json``: what each output file holds, its columns described, row counts per part."""
+    lay = Layout(out)
+    parts = []
+    schema = None
+    for path in storage.glob(storage.join(out, "data", "part-*.parquet")):
+        with storage.open_read(path, "rb") as f:
+            meta = pq.read_metadata(f)
+        schema = schema or meta.schema.to_arrow_schema()
+        parts.append({"path": path[len(out.rstrip("/")) + 1:], "rows": meta.num_rows,
+                      "bytes": storage.size(path)})
+    columns = {}
+    for fld in schema or []:
+        what = DATA_COLUMNS.get(fld.name, "passed through from the input records (a field named uid, id or "
+                                          "text is kept as input_<name>)")
+        columns[fld.name] = {"type": str(fld.type), "description": what}
+    return {
+        "format": "seedline-documents-v1",
+        "documents": {"path": "data/part-*.parquet", "rows": sum(p["rows"] for p in parts),
+                      "columns": columns, "parts": parts},
+        "duplicates": {"path": lay.duplicates[len(out.rstrip("/")) + 1:],
+                       "columns": {k: {"type": str(DUP_SCHEMA.field(k).type), "description": v}
+                                   for k, v in DUP_COLUMNS.items()}},
+        "rejects": {"path": "rejects/*.jsonl", "fields": REJECT_FIELDS},
+        "stats": "stats.json: counts (docs and bytes in/out, rejects by reason, duplicates, clusters)",
+        "input": config.input, "text_field": config.text_field, "id_field": config.id_field,
+    }
+
+
 def merge_stats(map_stats: list[dict[str, Any]], filter_stats: list[dict[str, Any]],
                 cluster_stats: dict[str, Any]) -> dict[str, Any]:
     stats: dict[str, Any] = {k: 0 for k in SUM_KEYS}

@@ -29,7 +29,7 @@ from stages.dedupe.buckets import FLAG_EXACT, FLAG_NEAR, shuffle_edges
 from stages.dedupe.clusters import removal_table, resolve
 from stages.dedupe.components import connected_components
 from stages.dedupe.config import DedupeConfig
-from stages.dedupe.finalize import merge_stats, sample_pairs, write_duplicates
+from stages.dedupe.finalize import build_manifest, merge_stats, sample_pairs, write_duplicates
 from stages.dedupe.layout import Layout
 from stages.dedupe.shards import filter_shard, map_shard
 from stages.dedupe.sigstore import Verifier
@@ -121,6 +121,7 @@ def run(config: DedupeConfig, ctx: StageContext) -> dict[str, Any]:
                                lambda k: (cfg_ref, k, lay.out))
     write_duplicates(lay.out, keys, config.row_group_rows)
     stats = merge_stats(map_stats, filter_stats, cluster_stats)
+    storage.write_json(lay.p("manifest.json"), build_manifest(lay.out, config))
     storage.write_json(lay.stats, stats)
     t3 = time.perf_counter()
     ctx.tracker.log_metrics({k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})

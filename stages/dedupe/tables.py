@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from stages.common.records import DEFAULT_ID_FIELD
 
 RESERVED = ("uid", "id", "text")
 
@@ -30,8 +31,9 @@ def _column(values: list[Any]) -> pa.Array:
 
 def docs_table(uids: Any, ids: list[str], texts: list[str], objs: list[dict[str, Any]],
                text_field: str, id_field: str | None) -> pa.Table:
-    """One table for a shard's good documents; other fields in order of first appearance."""
-    skip = {text_field, id_field}
+    """One table for a shard's good documents; other fields in order of first appearance. The id field
+    (the records' own ``id`` when no ``id_field`` is set) is the ``id`` column, not passed through."""
+    skip = {text_field, id_field or DEFAULT_ID_FIELD}
     names: dict[str, None] = {}
     for o in objs:
         for k in o:

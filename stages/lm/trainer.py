@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pipeline.errors import SeedlineError
 from pipeline.stage import StageContext
+from stages.lm.model_card import card_info, write_model_card
 from stages.lm.train_config import TrainingStageConfig
 from stages.lm.train_worker import ERROR_FILE, RESULT_FILE, train_loop
 
@@ -173,6 +174,8 @@ def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext) -> FitResu
         raise SeedlineError(f"{ctx.name}: the workers finished without writing {RESULT_FILE}")
     result = json.loads((out / RESULT_FILE).read_text())
     metrics = final_metrics(out / "metrics.jsonl")
+    write_model_card(str(out / "model"), card_info(ctx, cfg, result["steps"], result.get("tokens", 0),
+                                                   metrics))
     ctx.tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=result["steps"])
     return FitResult(steps=result["steps"], metrics=metrics, model_dir=str(out / "model"),
                      checkpoint_dir=str(out / "checkpoints"))

@@ -51,7 +51,8 @@ class TokenizeConfig(StrictModel):
         None, description="glob(s) of JSONL, JSONL.gz, JSONL.zst or Parquet files; only without dedupe")
     text_field: str = Field("text", description="text field of `input` records (dedupe output: 'text')")
     id_field: str | None = Field(
-        None, description="id field of `input` records; else file:line (dedupe output: 'id')")
+        None, description="id field of `input` records; else their own `id` field where present, "
+                          "else file:line")
     tokenizer: TokenizerSource = TokenizerSource(train=TrainTokenizer())
     seq_len: int = Field(2048, gt=0, le=1 << 24, description="model context; rows hold seq_len + 1 tokens")
     val_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="share of documents (by id hash) in val")

@@ -3,9 +3,10 @@
 ``manifest.json``: ``format``, ``seq_len``, ``row_len`` (``seq_len + 1``), ``dtype`` (``uint16`` or
 ``uint32``), ``vocab_size``, ``tokenizer`` (directory, relative), ``tokenizer_sha256`` (of its
 ``tokenizer.json``), ``special_token_ids`` (``eot``, ``pad``, ``im_start``, ``im_end``), ``rows_per_shard``,
-``val_fraction``, ``seed`` and per split (``train``, ``val``): ``docs``, ``stream_tokens`` (documents'
-tokens plus one end-of-text each), ``rows``, ``tokens`` (non-padding token slots in all rows; rows overlap
-by one token) and ``shards``: a list of ``{path, rows, tokens, sha256, bytes}``.
+``val_fraction``, ``seed``, ``columns`` (each shard column described) and per split (``train``,
+``val``): ``docs``, ``stream_tokens`` (documents' tokens plus one end-of-text each), ``rows``,
+``tokens`` (non-padding token slots in all rows; rows overlap by one token) and ``shards``: a list of
+``{path, rows, tokens, sha256, bytes}``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,15 @@ from typing import Any
 
 from stages.tokenize.config import TokenizeConfig
 from stages.tokenize.pack import FORMAT, SplitPlan
+
+COLUMNS = {
+    "tokens": "fixed_size_list<dtype>[row_len]: a row of the split's token stream (documents' tokens, each "
+              "followed by end-of-text); consecutive rows overlap by one token, so input_ids = tokens[:-1] "
+              "and labels = tokens[1:]",
+    "length": "int32: real tokens in the row; the rest (only in a split's last row) is the pad id",
+    "doc_starts": "list<int32>: positions in the row where a document starts (a document continuing from "
+                  "the previous row is not listed)",
+}
 
 
 def build_manifest(config: TokenizeConfig, info: dict[str, Any], plans: dict[str, SplitPlan],
@@ -32,7 +42,7 @@ def build_manifest(config: TokenizeConfig, info: dict[str, Any], plans: dict[str
         "format": FORMAT, "seq_len": config.seq_len, "row_len": config.seq_len + 1, "dtype": info["dtype"],
         "vocab_size": info["vocab_size"], "tokenizer": "tokenizer", "tokenizer_sha256": info["sha256"],
         "special_token_ids": info["special_token_ids"], "rows_per_shard": config.rows_per_shard,
-        "val_fraction": config.val_fraction, "seed": config.seed, "splits": splits,
+        "val_fraction": config.val_fraction, "seed": config.seed, "columns": COLUMNS, "splits": splits,
     }
 
 
