@@ -18,8 +18,13 @@ Overrides = Annotated[list[str], typer.Option("--set", "-s", help="override a ke
 
 
 def _fail(e: Exception) -> None:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(2 if isinstance(e, ConfigError) else 1)
+    """One line on stderr (no credentials) and the exit code: 2 for what the user must fix."""
+    from pipeline.preflight import one_line
+    from pipeline.redact import redact_text
+
+    typer.echo(f"error: {one_line(redact_text(str(e)))}", err=True)
+    code = getattr(e, "exit_code", None)  # cluster errors carry their own (2: refused, 1: cluster failed)
+    raise typer.Exit(code if isinstance(code, int) else 2 if isinstance(e, ConfigError) else 1)
 
 
 def _progress_bars():
@@ -65,9 +70,11 @@ def run(config: Path, overrides: Overrides = None, only: str | None = typer.Opti
         from_stage: str | None = typer.Option(None, "--from")) -> None:
     """Run (or continue) the pipeline described by CONFIG."""
     from pipeline.config import load_config
+    from pipeline.preflight import check
 
     try:
         cfg = load_config(config, overrides or [])
+        check(cfg)  # inputs, model directories, workdir: before anything starts
     except SeedlineError as e:
         _fail(e)
     _run(cfg, only, from_stage)
@@ -85,10 +92,11 @@ def resume(run_dir: str, address: str | None = typer.Option(None, "--address"),
 
             typer.echo(resubmit(run_dir, address, insecure=insecure))
             return
-        data = storage.read_json_or(storage.join(run_dir, "run.json"), None)
-        if data is None:
-            raise ConfigError("RUN_DIR", f"no run.json in {run_dir}")
-        _run(validate_config(data["config"]), None, None)
+        from pipeline.preflight import check, resumable_config
+
+        cfg = validate_config(resumable_config(run_dir))
+        check(cfg)
+        _run(cfg, None, None)
     except SeedlineError as e:
         _fail(e)
 
@@ -101,14 +109,13 @@ def _newest_run(workdir: str) -> str:
 
 
 def _rows(run_dir: str) -> list[dict]:
-    from pipeline.state import lease_alive, read_lease, read_progress, read_status
+    from pipeline.preflight import read_run_json
+    from pipeline.state import lease_alive, read_lease, read_progress, read_status, recorded_stage_dirs
 
-    data = storage.read_json_or(storage.join(run_dir, "run.json"), None)
-    if data is None:
-        raise ConfigError("RUN_DIR", f"no run.json in {run_dir}")
+    data = read_run_json(run_dir, required=True)
     rows = []
-    for name, dirname in data.get("stages", {}).items():
-        sdir = storage.join(run_dir, dirname)
+    for name, sdir in recorded_stage_dirs(run_dir, data).items():
+        dirname = sdir.rsplit("/", 1)[-1]
         st = read_status(sdir)
         state = st["state"]
         if state == "running" and not lease_alive(read_lease(sdir)):
@@ -117,7 +124,8 @@ def _rows(run_dir: str) -> list[dict]:
         rows.append({"stage": name, "state": state, "fingerprint": dirname.rsplit("-", 1)[1],
                      "progress": read_progress(sdir) or st.get("progress", {}),
                      "elapsed_s": round(end - start, 1) if start else None,
-                     "mlflow_run_id": st.get("mlflow_run_id"), "error": st.get("error")})
+                     "mlflow_run_id": st.get("mlflow_run_id"), "error": st.get("error"),
+                     "made_by": st.get("run_dir")})
     return rows
 
 
@@ -169,6 +177,32 @@ def _describe_progress(p: dict) -> str:
     return f"{text} ({step})" if step else text
 
 
+def _explain(n, state, old_entry: str | None) -> str:
+    """One plan line: reuse (from which run), skip, resume, or run (and which keys changed)."""
+    from pipeline.fingerprint import result_fields
+    from pipeline.state import entry_dir, read_status
+    from pipeline.tracking import flatten
+
+    st = read_status(state.stage_dir(n.dirname))
+    made_by = st.get("run_dir")
+    if st["state"] == "succeeded":
+        other = made_by and made_by != state.run_dir
+        action, why = ("reuse", f"made by run {made_by}") if other else ("skip", "")
+    elif st["state"] == "pending":
+        action, why = "run", "new config"
+    else:
+        action, why = "resume", f"{st['state']} in run {made_by or state.run_dir}"
+    if action == "run" and old_entry and old_entry.rsplit("/", 1)[-1] != n.dirname:
+        old_dir = entry_dir(state.run_dir, old_entry)
+        old_config = storage.read_json_or(storage.join(old_dir, "config.json"), {})
+        prev = flatten(_result_fields(n, old_config))
+        cur = flatten(result_fields(n.config))
+        changed = sorted(k for k in set(prev) | set(cur) if prev.get(k) != cur.get(k))
+        why = "changed: " + (", ".join(f"stages.{n.name}.{k}" for k in changed) or "an upstream stage")
+        why += f" (was {old_entry.rsplit('/', 1)[-1]})"
+    return f"{n.name:10s} {action:7s} {n.dirname}" + (f"  {why}" if why else "")
+
+
 @app.command()
 def plan(config: Path, overrides: Overrides = None,
          show_config: bool = typer.Option(False, "--show-config", "-c",
@@ -176,31 +210,21 @@ def plan(config: Path, overrides: Overrides = None,
                                                "as YAML, as run.json will record it")) -> None:
     """What would run or be skipped, and which config keys changed for a stage that would re-run."""
     from pipeline.config import load_config
-    from pipeline.fingerprint import result_fields
     from pipeline.graph import order
-    from pipeline.state import read_status
-    from pipeline.tracking import flatten
+    from pipeline.preflight import check
 
     try:
         cfg = load_config(config, overrides or [])
         nodes = order(cfg)
+        check(cfg)
     except SeedlineError as e:
         _fail(e)
-    run_dir = cfg.run_dir()
-    recorded = storage.read_json_or(storage.join(run_dir, "run.json"), {}).get("stages", {})
+    from pipeline.state import RunState
+
+    state = RunState(cfg.run_dir())
+    recorded = state.load().get("stages", {})
     for n in nodes:
-        state = read_status(storage.join(run_dir, n.dirname))["state"]
-        action = {"succeeded": "skip", "pending": "run"}.get(state, "resume")
-        line = f"{n.name:10s} {action:7s} {n.dirname}"
-        old = recorded.get(n.name)
-        if old and old != n.dirname and action == "run":
-            old_config = storage.read_json_or(storage.join(run_dir, old, "config.json"), {})
-            prev = flatten(_result_fields(n, old_config))
-            cur = flatten(result_fields(n.config))
-            changed = sorted(k for k in set(prev) | set(cur) if prev.get(k) != cur.get(k))
-            why = ", ".join(f"stages.{n.name}.{k}" for k in changed) or "an upstream stage changed"
-            line += f"  (was {old}; changed: {why})"
-        typer.echo(line)
+        typer.echo(_explain(n, state, recorded.get(n.name)))
     if show_config:
         import yaml
 
@@ -210,11 +234,29 @@ def plan(config: Path, overrides: Overrides = None,
 
 
 @app.command()
+def gc(workdir: str = typer.Argument("runs", help="the workdir whose store to clean"),
+       dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be removed")) -> None:
+    """Remove store entries (<workdir>/store/<type>-<fp>) that no run's run.json refers to."""
+    from pipeline.store import collect
+
+    doomed = collect(storage.resolve(workdir), dry_run=dry_run)
+    for e in doomed:
+        typer.echo(f"{'would remove' if dry_run else 'removed'} {e}")
+    typer.echo(f"{len(doomed)} unreferenced store entr{'y' if len(doomed) == 1 else 'ies'}"
+               + (" (dry run)" if dry_run else ""))
+
+
+@app.command()
 def ui(run_dir: str, port: int = 5000) -> None:
     """Start the MLflow UI on 127.0.0.1 for this run's tracking store."""
     import subprocess
 
-    data = storage.read_json_or(storage.join(run_dir, "run.json"), {})
+    from pipeline.preflight import read_run_json
+
+    try:
+        data = read_run_json(run_dir) or {}
+    except SeedlineError as e:
+        _fail(e)
     uri = data.get("tracking_uri")
     if not uri:
         _fail(ConfigError("RUN_DIR", f"no tracking store recorded in {run_dir}/run.json"))
@@ -225,10 +267,13 @@ def ui(run_dir: str, port: int = 5000) -> None:
 @app.command()
 def report(run_dir: str = typer.Argument(..., help="the run directory (<workdir>/<name>)")) -> None:
     """Write RUN_DIR/report.html: stages, durations, dedupe stats, token counts, loss curves, evaluation."""
+    from pipeline.preflight import read_run_json
     from pipeline.report import write_report
 
-    if storage.read_json_or(storage.join(run_dir, "run.json"), None) is None:
-        _fail(ConfigError("RUN_DIR", f"no run.json in {run_dir}"))
+    try:
+        read_run_json(run_dir, required=True)
+    except SeedlineError as e:
+        _fail(e)
     typer.echo(write_report(run_dir))
 
 
@@ -267,6 +312,10 @@ def export_gguf(
 def main() -> None:
     import logging
 
+    from pipeline.redact import RedactingStream
+
+    # Everything printed (messages, logs, Ray's forwarded worker output) passes the credential rule.
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         from cluster.cli import register
@@ -274,4 +323,10 @@ def main() -> None:
         register = None
     if register:
         register(app)
-    app()
+    try:
+        app()
+    except SeedlineError as e:  # raised outside a command's own handling (e.g. a corrupt status file)
+        try:
+            _fail(e)
+        except typer.Exit as done:
+            sys.exit(done.exit_code)

@@ -36,10 +36,15 @@ class PipelineConfig(StrictModel):
     ray: RayConfig = RayConfig()
     stages: dict[str, Any] = Field(default_factory=dict)
     _stage_models: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
+    _instances: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     def stage_configs(self) -> dict[str, BaseModel]:
-        """Validated stage configs, in file order (filled by ``validate_config``)."""
+        """Validated stage configs by instance name, in file order (filled by ``validate_config``)."""
         return self._stage_models
+
+    def instances(self) -> dict[str, Any]:
+        """``{name: pipeline.binding.Instance}`` in file order (filled by ``validate_config``)."""
+        return self._instances
 
     def run_dir(self) -> str:
         return storage.join(self.workdir, self.name)
@@ -98,30 +103,36 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 
 
 def validate_config(data: Any) -> PipelineConfig:
-    """Raw mapping -> PipelineConfig with every present stage validated by its own model."""
+    """Raw mapping -> PipelineConfig: every stage instance validated by its type's config model, its
+    inputs bound (``pipeline.binding``) and the cross-stage checks run."""
+    from pipeline.binding import Instance, Section, bind, split_section
+
     if not isinstance(data, dict):
         raise ConfigError("", "the config file must be a YAML mapping (name, workdir, stages, ...)")
     try:
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as e:
         _raise_validation("", e)
-    models: dict[str, BaseModel] = {}
-    for name, section in cfg.stages.items():
-        spec = stage_registry.get(name)
+    sections: dict[str, Section] = {}
+    for name, raw in cfg.stages.items():
+        type_, explicit, inputs, own = split_section(name, raw)
+        spec = stage_registry.get(type_, f"stages.{name}.type" if explicit else None)
         try:
-            models[name] = spec.config_model.model_validate(section or {})
+            model = spec.config_model.model_validate(own)
         except ValidationError as e:
             _raise_validation(f"stages.{name}", e)
-    present = set(models)
-    for name, model in models.items():
-        spec = stage_registry.get(name)
-        for dep in spec.consumes:
-            if dep not in present:
-                raise ConfigError(f"stages.{name}",
-                                  f"consumes stage '{dep}', which is not in the pipeline; add stages.{dep}")
-        if spec.check:
-            spec.check(model, present)
-    cfg._stage_models = models
+        sections[name] = Section(name, type_, spec, model, inputs)
+    bound = bind(sections)
+    instances = {n: Instance(n, s.type, s.spec, s.config, bound[n]) for n, s in sections.items()}
+    for inst in instances.values():
+        if inst.spec.check:
+            try:
+                inst.spec.check(inst.config, {k: list(v) for k, v in inst.bound.items()})
+            except ConfigError as e:
+                raise ConfigError(e.path.replace(f"stages.{inst.type}", f"stages.{inst.name}", 1)
+                                  if inst.type != inst.name else e.path, e.message) from None
+    cfg._instances = instances
+    cfg._stage_models = {n: i.config for n, i in instances.items()}
     cfg.workdir = storage.resolve(cfg.workdir)
     return cfg
 
@@ -130,14 +141,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """A config file's raw mapping; a missing file, bad YAML or a non-mapping is a ``ConfigError``."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError("", f"config file not found: {p}") from None
+    except IsADirectoryError:
+        raise ConfigError(str(p), "is a directory; pass the config file (a .yaml file)") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(p), f"is not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(str(p), f"cannot read the config file: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError("", f"{p} is not valid YAML: {e}") from None
+        raise ConfigError(str(p), "is not valid YAML: " + " ".join(str(e).split())) from None
     data = data if data is not None else {}
     if not isinstance(data, dict):
-        raise ConfigError("", "the config file must be a YAML mapping (name, workdir, stages, ...)")
+        raise ConfigError(str(p), "the config file must be a YAML mapping (name, workdir, stages, ...)")
     return data
 
 
@@ -153,5 +170,9 @@ def resolved(cfg: PipelineConfig) -> dict[str, Any]:
     """The full config with defaults filled in, as stored in ``run.json``."""
     out = cfg.model_dump(mode="json", exclude={"stages"})
     out["workdir"] = storage.resolve(cfg.workdir)
-    out["stages"] = {n: m.model_dump(mode="json") for n, m in cfg.stage_configs().items()}
+    out["stages"] = {}
+    for name, inst in cfg.instances().items():
+        section = {"type": inst.type} if inst.type != name else {}
+        section["inputs"] = {slot: list(v) for slot, v in inst.bound.items() if v}
+        out["stages"][name] = section | inst.config.model_dump(mode="json")
     return out

@@ -36,8 +36,17 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def stage_fingerprint(version: str, model: BaseModel, upstream: dict[str, str]) -> str:
-    """First 10 hex digits of sha256 over the stage version, its result fields and upstream fingerprints."""
-    payload = {"version": version, "config": result_fields(model), "upstream": dict(sorted(upstream.items()))}
+def stage_fingerprint(version: str, model: BaseModel, upstream: dict[str, object], type_: str = "",
+                      neutral: set[str] | frozenset[str] = frozenset()) -> str:
+    """First 10 hex digits of sha256 over the stage type and version, its result fields and the
+    fingerprints of its inputs by slot. ``neutral`` config keys name upstream instances (``init_from:
+    small``): the instance's fingerprint stands for them, its name does not (renaming an instance must not
+    invalidate its consumers)."""
+    config = result_fields(model)
+    for key in neutral:
+        if key in config:
+            config[key] = "<input>"
+    payload = {"type": type_, "version": version, "config": config,
+               "upstream": dict(sorted(upstream.items()))}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:10]

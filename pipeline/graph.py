@@ -1,4 +1,4 @@
-"""Order the stages of a pipeline and compute their fingerprints."""
+"""Order the stage instances of a pipeline and compute their fingerprints."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from pipeline import stage as stage_registry
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError
 from pipeline.fingerprint import stage_fingerprint
@@ -15,24 +14,30 @@ from pipeline.stage import StageSpec
 
 @dataclass(frozen=True)
 class Node:
-    """A stage of this pipeline with its resolved inputs and fingerprint."""
+    """A stage instance of this pipeline with its bound inputs and fingerprint."""
 
     name: str
+    type: str
     spec: StageSpec
     config: BaseModel
-    inputs: tuple[str, ...]
+    bound: dict[str, tuple[str, ...]]
     fingerprint: str
 
     @property
+    def inputs(self) -> tuple[str, ...]:
+        """Upstream instances, each once."""
+        return tuple(dict.fromkeys(n for names in self.bound.values() for n in names))
+
+    @property
     def dirname(self) -> str:
-        return f"{self.name}-{self.fingerprint}"
+        """The store entry: ``<type>-<fingerprint>`` (instance names are not part of it, so two runs
+        or two instances with the same config and inputs share one entry)."""
+        return f"{self.type}-{self.fingerprint}"
 
 
 def order(cfg: PipelineConfig) -> list[Node]:
     """Topological order (ties broken by file order); raises ConfigError on a cycle."""
-    models = cfg.stage_configs()
-    present = set(models)
-    inputs = {n: stage_registry.get(n).inputs(present) for n in models}
+    instances = cfg.instances()
     done: list[str] = []
     visiting: list[str] = []
 
@@ -43,19 +48,21 @@ def order(cfg: PipelineConfig) -> list[Node]:
             cycle = " -> ".join([*visiting[visiting.index(n) :], n])
             raise ConfigError("stages", f"stages form a cycle: {cycle}")
         visiting.append(n)
-        for dep in inputs[n]:
+        for dep in instances[n].deps:
             visit(dep)
         visiting.pop()
         done.append(n)
 
-    for n in models:
+    for n in instances:
         visit(n)
     nodes: dict[str, Node] = {}
     for n in done:
-        spec = stage_registry.get(n)
-        ups = {d: nodes[d].fingerprint for d in inputs[n]}
-        fp = stage_fingerprint(spec.version, models[n], ups)
-        nodes[n] = Node(n, spec, models[n], tuple(inputs[n]), fp)
+        inst = instances[n]
+        ups = {slot: [nodes[d].fingerprint for d in names] for slot, names in inst.bound.items() if names}
+        named = {inst.spec.inputs[slot].config_key for slot, names in inst.bound.items() if names}
+        fp = stage_fingerprint(inst.spec.version, inst.config, ups, type_=inst.type,
+                               neutral=named - {None})
+        nodes[n] = Node(n, inst.type, inst.spec, inst.config, inst.bound, fp)
     return [nodes[n] for n in done]
 
 
@@ -66,3 +73,16 @@ def downstream(nodes: list[Node], start: str) -> set[str]:
         if any(i in out for i in node.inputs):
             out.add(node.name)
     return out
+
+
+def lineage(nodes: list[Node], name: str) -> dict[str, str]:
+    """``{instance: fingerprint}`` of every instance ``name`` depends on, directly or not."""
+    by_name = {n.name: n for n in nodes}
+    out: dict[str, str] = {}
+    todo = list(by_name[name].inputs)
+    while todo:
+        dep = todo.pop()
+        if dep not in out:
+            out[dep] = by_name[dep].fingerprint
+            todo += by_name[dep].inputs
+    return dict(sorted(out.items()))

@@ -62,23 +62,35 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def stage_dirs(run_dir: str) -> dict[str, str]:
-    """``{stage: directory}`` in the order the stages ran (start times; stages not started last, by name):
-    from ``run.json``, else every sub-directory with a ``status.json``."""
-    run = storage.read_json_or(storage.join(run_dir, "run.json"), {})
-    if run.get("stages"):
-        dirs = {name: storage.join(run_dir, d) for name, d in run["stages"].items()}
-    else:
-        dirs = {}
-        for name in storage.listdir(run_dir):
-            status = storage.read_json_or(storage.join(run_dir, name, "status.json"), None)
-            if status:
-                dirs[status.get("stage") or name.rsplit("-", 1)[0]] = storage.join(run_dir, name)
+    """``{instance: directory}`` in the order the stages ran (start times; stages not started last, by
+    name), from ``run.json``."""
+    from pipeline.state import recorded_stage_dirs
+
+    dirs = recorded_stage_dirs(run_dir)
 
     def started(name: str) -> tuple[float, str]:
         st = storage.read_json_or(storage.join(dirs[name], "status.json"), {})
         return (st.get("started") or math.inf, name)
 
     return {name: dirs[name] for name in sorted(dirs, key=started)}
+
+
+def stage_types(run: dict[str, Any]) -> dict[str, str]:
+    """``{instance: stage type}`` from a ``run.json``."""
+    stages = (run.get("config") or {}).get("stages") or {}
+    return {name: (sec or {}).get("type", name) for name, sec in stages.items()}
+
+
+def _hook_sections(dirs: dict[str, str], types: dict[str, str]) -> list[str]:
+    """Each stage type's own report section (its registered ``report`` hook), in run order."""
+    from pipeline import stage as stage_registry
+
+    out = []
+    for name, d in dirs.items():
+        spec = stage_registry.registry().get(types.get(name, name))
+        if spec is not None and spec.report:
+            out.append(stage_registry._load(spec.report)(name, d))
+    return [s for s in out if s]
 
 
 def _stages_section(dirs: dict[str, str]) -> str:
@@ -111,40 +123,6 @@ def _scalars(stats: dict[str, Any]) -> list[list[str]]:
     ]
 
 
-def _dedupe_section(d: str) -> str:
-    stats = storage.read_json_or(storage.join(d, "stats.json"), None)
-    if not stats:
-        return ""
-    extra = ""
-    docs_in, docs_out = stats.get("docs_in"), stats.get("docs_out")
-    if docs_in and docs_out is not None:
-        extra = (
-            f"<p>{_num(docs_out)} of {_num(docs_in)} documents kept ({100 * docs_out / docs_in:.1f}%).</p>"
-        )
-    return "<h2>Dedupe</h2>" + extra + _table(["statistic", "value"], _scalars(stats))
-
-
-def _tokenize_section(d: str) -> str:
-    manifest = storage.read_json_or(storage.join(d, "manifest.json"), None)
-    if not manifest:
-        return ""
-    rows = [
-        [
-            _e(split),
-            _num(s.get("docs")),
-            _num(s.get("stream_tokens")),
-            _num(s.get("rows")),
-            _num(len(s.get("shards", []))),
-        ]
-        for split, s in manifest.get("splits", {}).items()
-    ]
-    info = (
-        f"<p>vocabulary {_num(manifest.get('vocab_size'))}, sequence length {_num(manifest.get('seq_len'))}, "
-        f"tokenizer sha256 <code>{_e(manifest.get('tokenizer_sha256', '?'))}</code></p>"
-    )
-    return "<h2>Tokens</h2>" + info + _table(["split", "documents", "tokens", "rows", "shards"], rows)
-
-
 def read_curves(path: str) -> dict[str, tuple[list[float], list[float]]]:
     """``{metric: (steps, values)}`` for ``loss`` and ``eval_loss`` of a ``metrics.jsonl``."""
     curves: dict[str, tuple[list[float], list[float]]] = {}
@@ -163,7 +141,7 @@ def read_curves(path: str) -> dict[str, tuple[list[float], list[float]]]:
 
 
 def _training_section(dirs: dict[str, str]) -> str:
-    from stages.evaluate.charts import lines_png
+    from pipeline.charts import lines_png
 
     parts = []
     for name, d in dirs.items():
@@ -181,60 +159,11 @@ def _training_section(dirs: dict[str, str]) -> str:
     return "<h2>Training</h2>" + "".join(parts) if parts else ""
 
 
-def _evaluation_section(d: str) -> str:
-    from stages.evaluate.charts import metric_charts
-    from stages.evaluate.report_md import lower_is_better
-
-    results = storage.read_json_or(storage.join(d, "results.json"), None)
-    if not results or not results.get("models"):
-        return ""
-    from stages.evaluate.config import MODEL_STAGES
-
-    order = {s: i for i, s in enumerate(MODEL_STAGES)}  # results.json's keys are sorted: pipeline order again
-    models: dict[str, dict[str, float]] = dict(
-        sorted(results["models"].items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
-    )
-    stages = list(models)
-    metrics: list[str] = []
-    for vals in models.values():
-        metrics += [m for m in vals if m not in metrics]
-    rows = []
-    for m in metrics:
-        vals = [models[s].get(m) for s in stages]
-        real = [v for v in vals if v is not None and not math.isnan(v)]
-        best = (min(real) if lower_is_better(m) else max(real)) if len(real) > 1 else None
-        rows.append(
-            [f"{_e(m)} {'↓' if lower_is_better(m) else '↑'}"]
-            + [
-                f'<span class="best">{_num(v)}</span>'
-                if v is not None and v == best
-                else (_num(v) if v is not None else "–")
-                for v in vals
-            ]
-        )
-    reg = results.get("registered")
-    note = (
-        (
-            f"<p>Registered <code>{_e(reg['uri'])}</code> (version {_e(reg['version'])}): "
-            f"the {_e(reg['stage'])} model, best by {_e(reg['metric'])}.</p>"
-        )
-        if reg
-        else ""
-    )
-    charts = "".join(_img(png, name) for name, png in metric_charts(models).items())
-    return (
-        "<h2>Evaluation</h2>"
-        + _table(["metric", *stages], rows)
-        + note
-        + f'<div class="charts">{charts}</div>'
-    )
-
-
 def write_report(run_dir: str, out_path: str | None = None) -> str:
     """Write the run's report (default ``<run_dir>/report.html``) and return its path."""
     dirs = stage_dirs(run_dir)
     if not dirs:
-        raise FileNotFoundError(f"{run_dir}: no run.json and no stage directories (is this a run directory?)")
+        raise FileNotFoundError(f"{run_dir}: no run.json with stages (is this a run directory?)")
     run = storage.read_json_or(storage.join(run_dir, "run.json"), {})
     name = (run.get("config") or {}).get("name") or run_dir.rstrip("/").rsplit("/", 1)[-1]
     body = [
@@ -242,13 +171,11 @@ def write_report(run_dir: str, out_path: str | None = None) -> str:
         f'<p class="muted">{_e(run_dir)}; git {_e(run.get("git_sha") or "unknown")}</p>',
         _stages_section(dirs),
     ]
-    if "dedupe" in dirs:
-        body.append(_dedupe_section(dirs["dedupe"]))
-    if "tokenize" in dirs:
-        body.append(_tokenize_section(dirs["tokenize"]))
+    types = stage_types(run)
+    data = [d for d in _hook_sections({n: d for n, d in dirs.items() if types.get(n) != "evaluate"}, types)]
+    body += data
     body.append(_training_section(dirs))
-    for d in dirs.values():
-        body.append(_evaluation_section(d))
+    body += _hook_sections({n: d for n, d in dirs.items() if types.get(n) == "evaluate"}, types)
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>Seedline run {_e(name)}</title>"
         f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n"

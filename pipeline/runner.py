@@ -10,7 +10,6 @@ import logging
 import os
 import subprocess
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +17,10 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.config import PipelineConfig, resolved
-from pipeline.errors import ConfigError, StageFailed
-from pipeline.graph import Node, downstream, order
-from pipeline.stage import Progress, StageContext, Upstream
+from pipeline.errors import ConfigError, StageFailed, failure_details, failure_line
+from pipeline.graph import Node, downstream, lineage, order
+from pipeline.redact import redact_obj
+from pipeline.stage import Output, Progress, StageContext, handle
 from pipeline.state import Lease, RunState, lease_alive, read_lease, read_progress, read_status, write_status
 from pipeline.tracking import NullTracker, PipelineTracking
 
@@ -29,7 +29,8 @@ log = logging.getLogger("seedline")
 
 @dataclass
 class RunResult:
-    """What happened to each stage: ``skipped``, ``ran`` or ``waited`` (another driver ran it)."""
+    """What happened to each stage: ``skipped`` (done in this run), ``reused`` (a store entry another run
+    made), ``ran`` or ``waited`` (another driver ran it)."""
 
     run_dir: str
     outcomes: dict[str, str] = field(default_factory=dict)
@@ -83,14 +84,15 @@ class Runner:
         consider, forced = _selected(nodes, only, from_stage)
         result = RunResult(self.state.run_dir)
         self.by_name = {n.name: n for n in nodes}
+        self.nodes = nodes
         todo = [n for n in nodes if n.name in consider]
         pending = [n for n in todo if n.name in forced or self._state(n) != "succeeded"]
         for n in todo:
             result.stage_dirs[n.name] = self.state.stage_dir(n.dirname)
-        if not pending:  # a finished pipeline: no tracking store, no Ray
+        if not pending:  # a finished pipeline (or one made of reused entries): no tracking store, no Ray
+            self._record_run(nodes)
             for n in todo:
-                result.outcomes[n.name] = "skipped"
-                self.show(f"{n.name}: done ({n.dirname}), skipped")
+                result.outcomes[n.name] = self._done(n)
             return result
         self._open_run(nodes)
         status = "FAILED"
@@ -105,6 +107,31 @@ class Runner:
 
     def _state(self, node: Node) -> str:
         return read_status(self.state.stage_dir(node.dirname))["state"]
+
+    def _producer(self, node: Node) -> str | None:
+        """The run directory that made a finished store entry, when it is not this run."""
+        made_by = read_status(self.state.stage_dir(node.dirname)).get("run_dir")
+        return made_by if made_by and made_by != self.state.run_dir else None
+
+    def _done(self, node: Node) -> str:
+        producer = self._producer(node)
+        if producer:
+            self.show(f"{node.name}: reused {node.dirname} (made by run {producer})")
+            return "reused"
+        self.show(f"{node.name}: done ({node.dirname}), skipped")
+        return "skipped"
+
+    def _record_run(self, nodes: list[Node]) -> None:
+        """Write ``run.json`` when it is new or records other store entries (a run of reused stages)."""
+        data = self.state.load()
+        entries = {n.name: self.state.entry(n.dirname) for n in nodes}
+        if data.get("stages") != entries:
+            storage.makedirs(self.state.run_dir)
+            data.update(config=resolved(self.cfg), created=data.get("created") or time.time(),
+                        updated=time.time(), git_sha=git_sha(), stages=entries)
+            data.setdefault("mlflow_parent_run_id", None)
+            data.setdefault("tracking_uri", self.cfg.tracking_uri() if self.cfg.tracking.enabled else None)
+            self.state.save(data)
 
     def _open_run(self, nodes: list[Node]) -> None:
         storage.makedirs(self.state.run_dir)
@@ -124,7 +151,7 @@ class Runner:
             git_sha=git_sha(),
             mlflow_parent_run_id=self.parent_run_id,
             tracking_uri=self.cfg.tracking_uri() if self.cfg.tracking.enabled else None,
-            stages={n.name: n.dirname for n in nodes},
+            stages={n.name: self.state.entry(n.dirname) for n in nodes},
         )
         self.state.save(data)
 
@@ -135,8 +162,10 @@ class Runner:
             if read_status(dep_dir)["state"] != "succeeded":
                 raise StageFailed(f"{node.name}: upstream stage '{dep}' has not succeeded; run it first")
         if not force and read_status(sdir)["state"] == "succeeded":
-            self.show(f"{node.name}: done ({node.dirname}), skipped")
-            return "skipped"
+            outcome = self._done(node)
+            if outcome == "reused":
+                self._tag_reused(node, sdir)
+            return outcome
         lease = Lease(sdir)
         if not lease.try_acquire():
             return self._wait_for_other(node, sdir, lease)
@@ -171,10 +200,11 @@ class Runner:
             return "waited"
         prev = read_status(sdir)
         resumed = prev["state"] in ("running", "failed")
-        storage.write_json(storage.join(sdir, "config.json"), node.config.model_dump(mode="json"))
+        storage.write_json(storage.join(sdir, "config.json"), redact_obj(node.config.model_dump(mode="json")))
         tracker = self._tracker(node, prev.get("mlflow_run_id"))
         status = {
-            "state": "running", "stage": node.name, "fingerprint": node.fingerprint,
+            "state": "running", "stage": node.name, "type": node.type, "fingerprint": node.fingerprint,
+            "run_dir": self.state.run_dir,
             "started": prev.get("started") or time.time(), "finished": None,
             "attempts": int(prev.get("attempts", 0)) + 1, "mlflow_run_id": tracker.run_id,
             "progress": prev.get("progress", {}), "error": None,
@@ -190,9 +220,11 @@ class Runner:
             node.spec.load_run()(node.config, ctx)
         except BaseException as e:
             lease.on_beat = None
-            reason = "lease lost to another driver" if lease.lost else f"{type(e).__name__}: {e}"
+            # One line for status.json and the terminal; the whole traceback (no colour codes, no
+            # credentials) in error.txt.
+            reason = "lease lost to another driver" if lease.lost else failure_line(e)
             status.update(state="failed", error=reason, finished=time.time())
-            storage.write_text(storage.join(sdir, "error.txt"), traceback.format_exc())
+            storage.write_text(storage.join(sdir, "error.txt"), failure_details(e))
             write_status(sdir, status)
             tracker.close("FAILED")
             if isinstance(e, Exception):
@@ -206,6 +238,23 @@ class Runner:
         self.show(f"{node.name}: succeeded in {status['finished'] - status['started']:.1f}s")
         return "ran"
 
+    def _tag_reused(self, node: Node, sdir: str) -> None:
+        """An MLflow child run for a reused stage, pointing at the run (and MLflow run) that made it."""
+        if not self.tracking or not self.parent_run_id:
+            return
+        status = read_status(sdir)
+        tags = {"seedline.stage": node.name, "seedline.type": node.type,
+                "seedline.fingerprint": node.fingerprint, "seedline.run_dir": self.state.run_dir,
+                "seedline.reused": "true", "seedline.reused_from": status.get("run_dir") or "",
+                "seedline.reused_mlflow_run_id": status.get("mlflow_run_id") or ""}
+        runs = self.state.load().setdefault("reused_mlflow_runs", {})
+        tracker = self.tracking.child(self.parent_run_id, runs.get(node.name), node.name, tags)
+        if tracker.run_id and runs.get(node.name) != tracker.run_id:
+            data = self.state.load()
+            data.setdefault("reused_mlflow_runs", {})[node.name] = tracker.run_id
+            self.state.save(data)
+        tracker.close("FINISHED")
+
     def _fold_progress(self, sdir: str, status: dict[str, Any], progress: Progress) -> None:
         latest = read_progress(sdir)
         if latest and latest != status.get("progress"):
@@ -217,24 +266,31 @@ class Runner:
     def _tracker(self, node: Node, run_id: str | None):
         if not self.tracking or not self.parent_run_id:
             return NullTracker()
-        tags = {"seedline.stage": node.name, "seedline.fingerprint": node.fingerprint,
+        tags = {"seedline.stage": node.name, "seedline.type": node.type,
+                "seedline.fingerprint": node.fingerprint,
                 "seedline.run_dir": self.state.run_dir, "seedline.git_sha": git_sha() or "unknown"}
         tracker = self.tracking.child(self.parent_run_id, run_id, node.name, tags)
         tracker.log_params(node.config.model_dump(mode="json"))
         return tracker
 
     def _context(self, node: Node, sdir: str, tracker: Any, progress: Progress) -> StageContext:
-        upstream = {}
-        for dep in node.inputs:
-            dep_dir = self.state.stage_dir(self.by_name[dep].dirname)
-            upstream[dep] = Upstream(dep, dep_dir, read_status(dep_dir)["fingerprint"],
-                                     storage.read_json(storage.join(dep_dir, "config.json")))
+        inputs: dict[str, list[Output]] = {}
+        for slot, names in node.bound.items():
+            kind = node.spec.inputs[slot].kind
+            inputs[slot] = [self._output(self.by_name[n], kind) for n in names]
         logger = logging.getLogger(f"seedline.{node.name}")
         return StageContext(
             name=node.name, out_dir=sdir, run_dir=self.state.run_dir, fingerprint=node.fingerprint,
-            upstream=upstream, tracker=tracker, progress=progress, logger=logger,
+            inputs=inputs, tracker=tracker, progress=progress, logger=logger,
             ray_address=self.cfg.ray.address, ray_num_cpus=self.cfg.ray.num_cpus,
+            lineage=lineage(self.nodes, node.name), type=node.type,
         )
+
+    def _output(self, up: Node, kind: str) -> Output:
+        """A handle on the ``kind`` output of the finished instance ``up``, at the path it declared."""
+        d = self.state.stage_dir(up.dirname)
+        return handle(up.type, d, kind, up.name, up.fingerprint, storage.read_json(storage.join(d, "config.json")),
+                      up.bound)
 
 
 def run_pipeline(cfg: PipelineConfig, only: str | None = None, from_stage: str | None = None,

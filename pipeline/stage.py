@@ -74,29 +74,51 @@ def volatile(default: Any = None, **kwargs: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class StageSpec:
-    """What the registry knows about a stage.
+class InputSlot:
+    """An input a stage type needs: a ``kind`` of output (``documents``, ``shards``, ``tokenizer``,
+    ``model``, ``preference_pairs``, ...) from another stage instance.
 
-    ``consumes`` are stages that must be present in the pipeline; ``uses`` are consumed when present
-    (tokenize reads dedupe's output if dedupe runs, else its own input). ``check`` may raise
-    ``ConfigError`` for cross-stage rules (e.g. sft needs pretrain or ``init_from``).
+    Binding, in order: the instance's ``inputs:`` (a list of instance names, or ``{slot: name(s)}``);
+    else the stage config's ``config_key`` when its value names an instance (``init_from: small``; a
+    value that is not an instance name, such as a path, leaves the slot unbound); else, when ``auto``, the
+    single instance of the first type in ``prefer`` that has one (any provider of the kind when ``prefer``
+    is empty; every provider when ``many``). Several candidates are a config error naming them.
+    """
+
+    kind: str
+    required: bool = True
+    many: bool = False
+    prefer: tuple[str, ...] = ()
+    config_key: str | None = None
+    auto: bool = True
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What the registry knows about a stage type: its config model, version, ``run`` function, the
+    ``inputs`` it needs (slots) and the ``outputs`` it declares (``{kind: path inside its directory}``,
+    "" for the directory itself). Only the producing stage's package knows that layout; consumers get
+    ``Output`` handles. ``check(config, bound)`` may raise ``ConfigError`` for rules across stages, with
+    ``bound`` = ``{slot: [instance, ...]}``. ``report`` names a function ("pkg.module:func") that returns
+    this stage's section of ``report.html``.
     """
 
     name: str
     config_model: type[BaseModel]
     version: str
     run: str
-    consumes: tuple[str, ...] = ()
-    uses: tuple[str, ...] = ()
-    check: Callable[[BaseModel, set[str]], None] | None = None
-
-    def inputs(self, present: set[str]) -> list[str]:
-        """Upstream stage names this stage reads in a pipeline made of ``present`` stages."""
-        return [s for s in self.consumes] + [s for s in self.uses if s in present]
+    inputs: dict[str, InputSlot] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    check: Callable[[BaseModel, dict[str, list[str]]], None] | None = None
+    report: str | None = None
 
     def load_run(self) -> Callable[[Any, StageContext], Any]:
-        module, _, func = self.run.partition(":")
-        return getattr(importlib.import_module(module), func)
+        return _load(self.run)
+
+
+def _load(target: str) -> Callable[..., Any]:
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)
 
 
 _REGISTRY: dict[str, StageSpec] = {}
@@ -108,12 +130,25 @@ def register(
     config: type[BaseModel],
     version: str,
     run: str,
+    inputs: dict[str, InputSlot] | None = None,
+    outputs: dict[str, str] | None = None,
+    check: Callable[[BaseModel, dict[str, list[str]]], None] | None = None,
+    report: str | None = None,
     consumes: tuple[str, ...] = (),
     uses: tuple[str, ...] = (),
-    check: Callable[[BaseModel, set[str]], None] | None = None,
 ) -> StageSpec:
-    """Register a stage. Called at import time by stage packages (see ``stages/__init__.py``)."""
-    spec = StageSpec(name, config, version, run, tuple(consumes), tuple(uses), check)
+    """Register a stage type. Called at import time by stage packages (see ``stages/__init__.py``).
+
+    ``consumes``/``uses`` are shorthands for a project's simple stages: an input slot per named type
+    (required / optional) whose kind is that type's whole output directory (``stage:<type>``).
+    """
+    slots = dict(inputs or {})
+    for dep in consumes:
+        slots[dep] = InputSlot(f"stage:{dep}", required=True, prefer=(dep,))
+    for dep in uses:
+        slots[dep] = InputSlot(f"stage:{dep}", required=False, prefer=(dep,))
+    outs = {f"stage:{name}": "", **(outputs or {})}
+    spec = StageSpec(name, config, version, run, slots, outs, check, report)
     _REGISTRY[name] = spec
     return spec
 
@@ -134,21 +169,37 @@ def registry() -> dict[str, StageSpec]:
     return _REGISTRY
 
 
-def get(name: str) -> StageSpec:
+def get(name: str, key: str | None = None) -> StageSpec:
+    """The registered stage type ``name``; unknown types are a ``ConfigError`` at ``key``."""
     reg = registry()
     if name not in reg:
-        raise ConfigError(f"stages.{name}", f"unknown stage; known stages: {', '.join(sorted(reg))}")
+        raise ConfigError(key or f"stages.{name}",
+                          f"unknown stage type {name!r}; known types: {', '.join(sorted(reg))}")
     return reg[name]
 
 
 @dataclass(frozen=True)
-class Upstream:
-    """A finished upstream stage as seen by a consumer."""
+class Output:
+    """A typed handle on one declared output of a finished upstream stage instance: ``path`` is where
+    that output lives (a directory or a file, per the producer's declaration); ``config`` is the
+    producer's resolved config; ``inputs`` the producer's own input bindings."""
 
-    name: str
-    out_dir: str
+    kind: str
+    path: str
+    instance: str
+    type: str
     fingerprint: str
     config: dict[str, Any]
+    inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the producer's own bindings
+
+
+def handle(type_name: str, stage_dir: str, kind: str, instance: str | None = None, fingerprint: str = "",
+           config: dict[str, Any] | None = None, inputs: dict[str, tuple[str, ...]] | None = None) -> Output:
+    """The ``kind`` output of a ``type_name`` stage whose directory is ``stage_dir``, at the path that
+    type declared (used by the runner, and by tests that run a stage on its own)."""
+    rel = get(type_name).outputs[kind]
+    return Output(kind, storage.join(stage_dir, rel) if rel else stage_dir, instance or type_name, type_name,
+                  fingerprint, dict(config or {}), dict(inputs or {}))
 
 
 class Progress:
@@ -189,13 +240,24 @@ class StageContext:
     out_dir: str
     run_dir: str
     fingerprint: str
-    upstream: dict[str, Upstream]
+    inputs: dict[str, list[Output]]  # slot -> bound outputs, in binding order
     tracker: Any  # pipeline.tracking.Tracker or NullTracker
     progress: Progress
     logger: logging.Logger
     ray_address: str | None = None
     ray_num_cpus: int | None = None
+    lineage: dict[str, str] = field(default_factory=dict)  # every upstream instance -> fingerprint
+    type: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def input(self, slot: str) -> Output | None:
+        """The output bound to a single-valued input slot, or None when the slot is unbound."""
+        bound = self.inputs.get(slot) or []
+        return bound[0] if bound else None
+
+    def input_list(self, slot: str) -> list[Output]:
+        """Every output bound to a slot (a ``many`` slot such as evaluate's models)."""
+        return list(self.inputs.get(slot) or [])
 
     def path(self, *parts: str) -> str:
         """A path inside the stage's output directory."""

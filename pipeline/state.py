@@ -34,12 +34,17 @@ def _now() -> float:
 
 
 def read_status(stage_dir: str) -> dict[str, Any]:
-    """The stage's ``status.json`` (``{"state": "pending"}`` when it has not started)."""
-    return storage.read_json_or(storage.join(stage_dir, "status.json"), {"state": "pending"})
+    """The stage's ``status.json`` (``{"state": "pending"}`` when it has not started); a corrupt one is a
+    ``CorruptFile`` error naming it."""
+    from pipeline.preflight import read_json_file
+
+    return read_json_file(storage.join(stage_dir, "status.json"), {"state": "pending"})
 
 
 def write_status(stage_dir: str, status: dict[str, Any]) -> None:
-    storage.write_json(storage.join(stage_dir, "status.json"), status)
+    from pipeline.redact import redact_obj
+
+    storage.write_json(storage.join(stage_dir, "status.json"), redact_obj(status))
 
 
 def read_progress(stage_dir: str) -> dict[str, Any]:
@@ -142,11 +147,32 @@ class Lease:
                 self.on_beat()
 
 
+STORE = "store"
+
+
+def workdir_of(run_dir: str) -> str:
+    """The workdir holding ``run_dir`` (``<workdir>/<name>``)."""
+    return run_dir.rstrip("/").rsplit("/", 1)[0]
+
+
+def entry_dir(run_dir: str, entry: str) -> str:
+    """Where a ``run.json`` stage entry lives: ``store/<type>-<fp>`` is relative to the workdir (shared by
+    every run in it); a bare name is a directory of the run itself (runs made before the store)."""
+    return storage.join(workdir_of(run_dir), entry) if "/" in entry else storage.join(run_dir, entry)
+
+
+def recorded_stage_dirs(run_dir: str, run: dict[str, Any] | None = None) -> dict[str, str]:
+    """``{instance: directory}`` recorded in the run's ``run.json``, in pipeline order."""
+    run = run if run is not None else storage.read_json_or(storage.join(run_dir, "run.json"), {})
+    return {name: entry_dir(run_dir, e) for name, e in (run.get("stages") or {}).items()}
+
+
 class RunState:
-    """The run directory ``<workdir>/<name>``."""
+    """The run directory ``<workdir>/<name>`` and the store ``<workdir>/store`` its stages use."""
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
+        self.workdir = workdir_of(run_dir)
 
     @property
     def run_json(self) -> str:
@@ -156,7 +182,15 @@ class RunState:
         return storage.read_json_or(self.run_json, {})
 
     def save(self, data: dict[str, Any]) -> None:
-        storage.write_json(self.run_json, data)
+        """Write ``run.json``; credentials never reach it (``pipeline.redact``)."""
+        from pipeline.redact import redact_obj
+
+        storage.write_json(self.run_json, redact_obj(data))
+
+    @staticmethod
+    def entry(dirname: str) -> str:
+        """The ``run.json`` entry of a store directory name."""
+        return f"{STORE}/{dirname}"
 
     def stage_dir(self, dirname: str) -> str:
-        return storage.join(self.run_dir, dirname)
+        return storage.join(self.workdir, STORE, dirname)

@@ -3,6 +3,9 @@
 from pipeline.stage import register
 from stages.dedupe.config import DedupeConfig
 
-register(name="dedupe", config=DedupeConfig, version="1", run="stages.dedupe.run:run")
+# documents: the kept documents as Parquet parts (id, text, source), the format every data stage reads.
+register(name="dedupe", config=DedupeConfig, version="1", run="stages.dedupe.run:run",
+         report="stages.dedupe.report_section:section",
+         outputs={"documents": "data"})
 
 __all__ = ["DedupeConfig"]

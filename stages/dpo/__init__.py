@@ -1,10 +1,16 @@
 """DPO stage: preference pairs, a frozen reference, TRL's losses and metrics on the shared trainer
 (config registered; torch-free)."""
 
-from pipeline.stage import register
+from pipeline.stage import InputSlot, register
 from stages.dpo.config import DPOConfig, check
 
-register(name="dpo", config=DPOConfig, version="1", run="stages.dpo.run:run", uses=("sft", "tokenize"),
+# model: the sft instance's model (or the instance named by `init_from`; a directory there instead);
+# tokenizer: the tokenize instance's, used when the model directory has none.
+register(name="dpo", config=DPOConfig, version="1", run="stages.dpo.run:run",
+         inputs={"model": InputSlot("model", required=False, prefer=("sft",), config_key="init_from"),
+                 "tokenizer": InputSlot("tokenizer", required=False, prefer=("tokenize",))},
+         outputs={"model": "model", "preference_pairs": "pairs/val.arrow",
+                  "reference_logps": "reference/val"},
          check=check)
 
 __all__ = ["DPOConfig"]

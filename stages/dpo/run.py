@@ -33,18 +33,20 @@ from stages.lm.trainer import FitResult
 
 def model_source(config: DPOConfig, ctx: StageContext) -> tuple[str, str]:
     """(model directory the policy and reference start from, tokenizer directory)."""
-    if config.init_from:
+    model = ctx.input("model")
+    if model is not None:
+        model_dir = model.path
+    elif config.init_from:
         model_dir = config.init_from
-    elif "sft" in ctx.upstream:
-        model_dir = storage.join(ctx.upstream["sft"].out_dir, "model")
     else:
         raise SeedlineError("dpo: no model to start from: add an sft stage or set stages.dpo.init_from")
     if not storage.exists(storage.join(model_dir, "config.json")):
         raise SeedlineError(f"dpo: {model_dir} is not a Hugging Face model directory (no config.json)")
     if storage.exists(storage.join(model_dir, "tokenizer.json")):
         return model_dir, model_dir
-    if "tokenize" in ctx.upstream:
-        tok_dir = storage.join(ctx.upstream["tokenize"].out_dir, "tokenizer")
+    tokenizer = ctx.input("tokenizer")
+    if tokenizer is not None:
+        tok_dir = tokenizer.path
         if storage.exists(storage.join(tok_dir, "tokenizer.json")):
             return model_dir, tok_dir
     raise SeedlineError(f"dpo: no tokenizer.json in {model_dir} (and no tokenize stage to take one from)")

@@ -4,17 +4,24 @@ pipeline trains, the comparison table and charts, and the best model in the MLfl
 Only the config model is imported here (torch-free); the work lives in ``stages.evaluate.run``.
 """
 
-from pipeline.stage import register
-from stages.evaluate.config import MODEL_STAGES, EvaluateConfig, check
+from pipeline.stage import InputSlot, register
+from stages.evaluate.config import EvaluateConfig, check
 
+# models: every instance that outputs a model unless `models:` names some; data/tokenizer: the tokenize
+# instance's validation split and tokenizer; pairs: a dpo instance's held-out pairs (and its reference).
 register(
     name="evaluate",
     config=EvaluateConfig,
     version="1",
     run="stages.evaluate.run:run",
-    consumes=("tokenize",),
-    uses=MODEL_STAGES,
+    inputs={"data": InputSlot("shards", prefer=("tokenize",)),
+            "tokenizer": InputSlot("tokenizer", prefer=("tokenize",)),
+            "models": InputSlot("model", many=True, config_key="models"),
+            "pairs": InputSlot("preference_pairs", required=False, prefer=("dpo",)),
+            "reference": InputSlot("reference_logps", required=False, prefer=("dpo",))},
+    outputs={"results": "results.json"},
     check=check,
+    report="stages.evaluate.report_section:section",
 )
 
 __all__ = ["EvaluateConfig"]

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from pipeline.errors import ConfigError
+from pipeline.preflight import FILE
 from pipeline.stage import StrictModel, volatile
 
 MODEL_STAGES = ("pretrain", "sft", "dpo")  # the stages whose <out>/model/ is evaluated, in pipeline order
@@ -30,7 +31,7 @@ class TaskConfig(StrictModel):
     """A multiple-choice task: JSONL records ``{"context", "choices", "gold"}`` scored by log-likelihood."""
 
     name: str = Field(description="metric prefix: <name>/acc, <name>/acc_norm")
-    path: str = Field(description="JSONL file (local or URL)")
+    path: str = Field(description="JSONL file (local or URL)", json_schema_extra=FILE)
     num_fewshot: int = Field(
         0, ge=0, description="solved examples from the same file put before each context"
     )
@@ -69,11 +70,16 @@ class EvaluateConfig(StrictModel):
 
     perplexity: PerplexityConfig = PerplexityConfig()
     tasks: list[TaskConfig] = Field(default_factory=list)
-    prompts: str | None = Field(None, description='JSONL of {"prompt": ...} for greedy generations')
+    prompts: str | None = Field(None, description='JSONL of {"prompt": ...} for greedy generations',
+                                json_schema_extra=FILE)
     max_new_tokens: int = Field(64, ge=1)
+    models: list[str] | None = Field(
+        None, description="stage instances whose models are evaluated, in this order (default: every "
+                          "instance of the pipeline that outputs a model, in pipeline order)")
     chat_models: list[str] = Field(
         default_factory=lambda: ["sft", "dpo"],
-        description="models whose prompts are rendered with the ChatML template (instruction-tuned)",
+        description="models whose prompts are rendered with the ChatML template (instruction-tuned): "
+                    "instance names or stage types",
     )
     preference: bool | Literal["auto"] = Field(
         "auto",
@@ -90,35 +96,40 @@ class EvaluateConfig(StrictModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"task names must be unique: {', '.join(dup)}")
-        unknown = sorted(set(self.chat_models) - set(MODEL_STAGES))
-        if unknown:
-            raise ValueError(f"chat_models {unknown} are not model stages ({', '.join(MODEL_STAGES)})")
+        if self.models is not None and not self.models:
+            raise ValueError("models must name at least one stage instance")
         return self
 
-    def metric_names(self, present: set[str] | None = None) -> list[str]:
-        """Metrics this configuration can produce in a pipeline of ``present`` stages (a model gets a
-        subset: the pref_* metrics need the dpo stage's pairs, pref_accuracy and pref_margin are the dpo
-        model's)."""
+    def metric_names(self, has_pairs: bool = True) -> list[str]:
+        """Metrics this configuration can produce, with or without a dpo stage's held-out pairs (a model
+        gets a subset: pref_accuracy and pref_margin are the dpo model's)."""
         out = ["loss", "perplexity", "bits_per_byte"] if self.perplexity.enabled else []
         for t in self.tasks:
             out += [f"{t.name}/acc", f"{t.name}/acc_norm"]
-        if self.preference is not False and (present is None or "dpo" in present):
+        if self.preference is not False and has_pairs:
             out += ["pref_logp_accuracy", "pref_accuracy", "pref_margin"]
         return out
 
 
-def check(config: BaseModel, present: set[str]) -> None:
-    """Cross-stage rules: at least one model to evaluate; a registry metric this pipeline computes."""
-    if not present & set(MODEL_STAGES):
+def check(config: BaseModel, bound: dict[str, list[str]]) -> None:
+    """Cross-stage rules: at least one model to evaluate; held-out pairs when preference is forced; a
+    registry metric this pipeline computes."""
+    if not bound.get("models"):
         raise ConfigError(
-            "stages.evaluate", f"needs a model: add one of stages.{', stages.'.join(MODEL_STAGES)}"
+            "stages.evaluate", f"needs a model: add a stage that outputs one ({', '.join(MODEL_STAGES)})"
         )
-    if getattr(config, "preference", "auto") is True and "dpo" not in present:
+    unknown = sorted(set(config.chat_models) - set(MODEL_STAGES) - set(bound["models"]))
+    if unknown:
+        raise ConfigError("stages.evaluate.chat_models",
+                          f"{unknown} are neither evaluated instances ({', '.join(bound['models'])}) nor "
+                          f"model stage types ({', '.join(MODEL_STAGES)})")
+    has_pairs = bool(bound.get("pairs"))
+    if config.preference is True and not has_pairs:
         raise ConfigError("stages.evaluate.preference", "true needs a dpo stage (its val pairs); use auto")
-    registry = getattr(config, "registry", None)
-    if registry is not None and registry.enabled and registry.metric not in config.metric_names(present):
+    registry = config.registry
+    if registry.enabled and registry.metric not in config.metric_names(has_pairs):
         raise ConfigError(
             "stages.evaluate.registry.metric",
             f"{registry.metric!r} is not computed by this pipeline; choose one of "
-            f"{', '.join(config.metric_names(present))}",
+            f"{', '.join(config.metric_names(has_pairs))}",
         )

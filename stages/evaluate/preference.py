@@ -1,6 +1,6 @@
 """Held-out preference accuracy on the dpo stage's validation pairs.
 
-The pairs are the dpo stage's own held-out split, already tokenized (``<dpo>/pairs/val.arrow``: per pair
+The pairs are the dpo stage's own held-out split, already tokenized (its ``preference_pairs`` output: per pair
 the chosen and the rejected sequence with a mask of the scored tokens: the completion's assistant content
 and its closing ``<|im_end|>``, exactly the tokens dpo trains on). A completion's log-probability is the sum
 over its scored tokens.
@@ -24,14 +24,19 @@ from pipeline import storage
 SIDES = ("chosen", "rejected")
 
 
-def val_pairs_path(dpo_dir: str) -> str:
-    return storage.join(dpo_dir, "pairs", "val.arrow")
+def _read(path: str):
+    return ipc.open_file(io.BytesIO(storage.read_bytes(path))).read_all()
 
 
-def load_requests(dpo_dir: str, limit: int | None) -> list[tuple[list[int], list[bool]]]:
-    """(ids, scored mask) of the chosen then the rejected sequence, pair after pair (the first ``limit``)."""
-    path = val_pairs_path(dpo_dir)
-    table = ipc.open_file(io.BytesIO(storage.read_bytes(path))).read_all()
+def pair_count(path: str) -> int:
+    """Pairs in a held-out pairs file (the dpo stage's ``preference_pairs`` output)."""
+    return _read(path).num_rows
+
+
+def load_requests(path: str, limit: int | None) -> list[tuple[list[int], list[bool]]]:
+    """(ids, scored mask) of the chosen then the rejected sequence, pair after pair (the first ``limit``),
+    from the dpo stage's ``preference_pairs`` output."""
+    table = _read(path)
     missing = [c for s in SIDES for c in (s, f"{s}_mask") if c not in table.column_names]
     if missing:
         raise ValueError(f"{path}: columns {missing} missing (have {table.column_names})")

@@ -23,9 +23,9 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.errors import SeedlineError
-from pipeline.stage import StageContext
+from pipeline.stage import Output, StageContext
 from stages.evaluate import charts, generate, multiple_choice, preference
-from stages.evaluate.config import MODEL_STAGES, EvaluateConfig
+from stages.evaluate.config import EvaluateConfig
 from stages.evaluate.lineage import lineage_tags
 from stages.evaluate.records import write_rejects
 from stages.evaluate.report_md import results_markdown
@@ -41,8 +41,18 @@ class Inputs:
     rejects: dict[str, int]
 
 
-def _tokenizer_json(tokenize_dir: str) -> str:
-    return storage.read_text(storage.join(tokenize_dir, "tokenizer", "tokenizer.json"))
+def _tokenizer_json(ctx: StageContext) -> str:
+    return storage.read_text(storage.join(ctx.input("tokenizer").path, "tokenizer.json"))
+
+
+def model_inputs(ctx: StageContext) -> dict[str, Output]:
+    """``{instance: model handle}`` of the models to evaluate, in binding order."""
+    return {m.instance: m for m in ctx.input_list("models")}
+
+
+def is_chat(config: EvaluateConfig, model: Output) -> bool:
+    """Chat models (named by instance or by stage type) get their prompts in the chat template."""
+    return model.instance in config.chat_models or model.type in config.chat_models
 
 
 def prepare_inputs(config: EvaluateConfig, ctx: StageContext) -> Inputs:
@@ -51,11 +61,11 @@ def prepare_inputs(config: EvaluateConfig, ctx: StageContext) -> Inputs:
 
     from stages.evaluate.perplexity import token_bytes
 
-    tokenize_dir = ctx.upstream["tokenize"].out_dir
+    tokenize_dir = ctx.input("data").path
     manifest = storage.read_json(storage.join(tokenize_dir, "manifest.json"))
-    tok_json = _tokenizer_json(tokenize_dir)
+    tok_json = _tokenizer_json(ctx)
     tok = Tokenizer.from_str(tok_json)
-    check_tokenizers(ctx, [s for s in MODEL_STAGES if s in ctx.upstream], tok_json)
+    check_tokenizers(list(model_inputs(ctx).values()), tok_json)
     shared = SharedInputs(
         tokenize_dir, token_bytes(tok_json, manifest["vocab_size"]), stops=generate.stop_ids(tok)
     )
@@ -77,14 +87,15 @@ def prepare_inputs(config: EvaluateConfig, ctx: StageContext) -> Inputs:
                 tok.encode(generate.format_prompt(p, chat), add_special_tokens=False).ids for p in prompts
             ]
     if _use_preference(config, ctx):
-        shared.pref_requests = preference.load_requests(ctx.upstream["dpo"].out_dir, config.preference_limit)
+        shared.pref_requests = preference.load_requests(ctx.input("pairs").path, config.preference_limit)
     return Inputs(shared, tasks, prompts, len(shared.pref_requests) // 2, rejects)
 
 
 def _use_preference(config: EvaluateConfig, ctx: StageContext) -> bool:
-    if config.preference is False or "dpo" not in ctx.upstream:
+    pairs = ctx.input("pairs")
+    if config.preference is False or pairs is None:
         return False
-    path = preference.val_pairs_path(ctx.upstream["dpo"].out_dir)
+    path = pairs.path
     if storage.exists(path):
         return True
     if config.preference is True:
@@ -93,21 +104,21 @@ def _use_preference(config: EvaluateConfig, ctx: StageContext) -> bool:
     return False
 
 
-def check_tokenizers(ctx: StageContext, stages: list[str], tok_json: str) -> None:
+def check_tokenizers(models: list[Output], tok_json: str) -> None:
     """Every model must use the tokenize stage's tokenizer: inputs are tokenized once, for all of them."""
     want = json.loads(tok_json)
-    for s in stages:
-        path = storage.join(ctx.upstream[s].out_dir, "model", "tokenizer.json")
+    for m in models:
+        path = storage.join(m.path, "tokenizer.json")
         if storage.exists(path) and json.loads(storage.read_text(path)) != want:
-            raise SeedlineError(f"evaluate: the {s} model's tokenizer ({path}) differs from the tokenize "
-                                "stage's; models evaluated together must share one tokenizer")
+            raise SeedlineError(f"evaluate: the {m.instance} model's tokenizer ({path}) differs from the "
+                                "tokenize stage's; models evaluated together must share one tokenizer")
 
 
-def _job(config: EvaluateConfig, stage: str, model_dir: str) -> ModelJob:
+def _job(config: EvaluateConfig, model: Output) -> ModelJob:
     return ModelJob(
-        stage=stage,
-        model_dir=model_dir,
-        chat=stage in config.chat_models,
+        stage=model.instance,
+        model_dir=model.path,
+        chat=is_chat(config, model),
         perplexity=config.perplexity.enabled,
         perplexity_batches=config.perplexity.batches,
         doc_mask=config.perplexity.doc_mask,
@@ -136,7 +147,7 @@ def evaluate_models(
             num_cpus=config.scaling.cpus, num_gpus=1 if config.scaling.use_gpu else 0, max_retries=1
         )
         refs = {
-            task.remote(_job(config, s, storage.join(ctx.upstream[s].out_dir, "model")), shared_ref): s
+            task.remote(_job(config, model_inputs(ctx)[s]), shared_ref): s
             for s in todo
         }
         pending = list(refs)
@@ -172,24 +183,31 @@ def model_metrics(
         if inputs.pairs:
             m.update(preference.logp_accuracy(res["pref_logprobs"]))
         out[stage] = m
-    if inputs.pairs and "dpo" in results:
+    pairs = ctx.input("pairs")
+    dpo = pairs.instance if pairs is not None else None
+    if inputs.pairs and dpo in results:
         ref = _reference_logps(ctx, inputs, results)
         if ref is not None:
-            beta = float(ctx.upstream["dpo"].config.get("beta", 0.1))
-            out["dpo"].update(preference.reward_metrics(results["dpo"]["pref_logprobs"], ref, beta))
+            beta = float(pairs.config.get("beta", 0.1))
+            out[dpo].update(preference.reward_metrics(results[dpo]["pref_logprobs"], ref, beta))
     return out
 
 
 def _reference_logps(ctx: StageContext, inputs: Inputs, results: dict[str, dict[str, Any]]) -> Any:
-    """The dpo reference's log-probs: the sft model's, scored here; else those the dpo stage saved."""
-    if "sft" in results:
-        return results["sft"]["pref_logprobs"]
+    """The dpo reference's log-probs: its starting model's (the instance bound to the dpo stage's model
+    input), scored here when evaluated too; else those the dpo stage saved."""
+    pairs = ctx.input("pairs")
+    start = [n for n in pairs.inputs.get("model", ()) if n in results]
+    if start:
+        return results[start[0]]["pref_logprobs"]
     from stages.dpo.reference import load_reference
 
-    dpo_dir = ctx.upstream["dpo"].out_dir
+    reference = ctx.input("reference")
     try:
-        total = storage.read_json(storage.join(dpo_dir, "pairs", "prepared.json"))["val"]["pairs"]
-        return load_reference(storage.join(dpo_dir, "reference", "val"), total)[: inputs.pairs].reshape(-1)
+        if reference is None:
+            raise FileNotFoundError("the dpo stage declares no reference log-probs")
+        total = preference.pair_count(pairs.path)
+        return load_reference(reference.path, total)[: inputs.pairs].reshape(-1)
     except (FileNotFoundError, KeyError) as e:
         ctx.logger.warning(
             "evaluate: no reference log-probs for the dpo model (%s); pref_accuracy skipped", e
@@ -207,7 +225,8 @@ def write_outputs(
     """generations.jsonl, results.md and the charts; returns the charts."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_str(_tokenizer_json(ctx.upstream["tokenize"].out_dir))
+    tok = Tokenizer.from_str(_tokenizer_json(ctx))
+    handles = model_inputs(ctx)
     lines = []
     for stage, res in raw.items():
         for i, (prompt, ids) in enumerate(zip(inputs.prompts, res["generations"], strict=True)):
@@ -217,7 +236,7 @@ def write_outputs(
                         "model": stage,
                         "index": i,
                         "prompt": prompt,
-                        "chat": stage in config.chat_models,
+                        "chat": is_chat(config, handles[stage]),
                         "generation": tok.decode(ids, skip_special_tokens=False),
                         "tokens": len(ids),
                     },
@@ -254,7 +273,7 @@ def register_best(
     reg = register_model(
         uri,
         ctx.tracker.run_id,
-        storage.join(ctx.upstream[stage].out_dir, "model"),
+        model_inputs(ctx)[stage].path,
         stage,
         config.registry,
         tags,
@@ -297,7 +316,7 @@ def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
     done = storage.read_json_or(ctx.path("results.json"), None)
     if done is not None:
         return done
-    stages = [s for s in MODEL_STAGES if s in ctx.upstream]
+    stages = list(model_inputs(ctx))
     if not stages:
         raise SeedlineError("evaluate: no upstream model stage (pretrain, sft or dpo)")
     t0 = time.perf_counter()
@@ -306,6 +325,7 @@ def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
     models = model_metrics(config, ctx, inputs, raw)
     results: dict[str, Any] = {
         "models": models,
+        "order": stages,
         "counts": {
             "tasks": {t.name: len(ex[: t.limit] if t.limit else ex) for t, ex in inputs.tasks},
             "prompts": len(inputs.prompts),

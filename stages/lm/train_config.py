@@ -103,19 +103,15 @@ class TrainingStageConfig(StrictModel):
     log_every: int = volatile(10, ge=1, description="steps between MLflow metric points and log lines")
 
 
-def start_model_check(stage: str, upstream: str) -> Callable[[BaseModel, set[str]], None]:
-    """The cross-stage rule of a fine-tuning stage: its starting model is the ``upstream`` stage's
-    ``model/`` or the stage's ``init_from`` directory, never both, never neither."""
+def start_model_check(stage: str, upstream: str) -> Callable[[BaseModel, dict[str, list[str]]], None]:
+    """The cross-stage rule of a fine-tuning stage: it starts from a model, the one bound to its ``model``
+    input (the ``upstream`` instance, or the instance ``init_from`` names) or the directory ``init_from``
+    names."""
 
-    def check(config: BaseModel, present: set[str]) -> None:
-        init_from = getattr(config, "init_from", None)
-        if upstream in present and init_from:
-            raise ConfigError(f"stages.{stage}.init_from",
-                              f"the pipeline has the {upstream} stage and {stage} starts from its model; "
-                              f"remove stages.{stage}.init_from (or remove the {upstream} stage)")
-        if upstream not in present and not init_from:
+    def check(config: BaseModel, bound: dict[str, list[str]]) -> None:
+        if not bound.get("model") and not config.init_from:
             raise ConfigError(f"stages.{stage}.init_from",
                               f"required when the pipeline has no {upstream} stage: a Hugging Face model "
-                              "directory")
+                              "directory or the name of a stage instance that outputs a model")
 
     return check

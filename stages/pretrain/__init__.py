@@ -1,9 +1,13 @@
 """Pretrain stage: a causal LM trained from scratch with DeepSpeed ZeRO on Ray Train (config registered)."""
 
-from pipeline.stage import register
+from pipeline.stage import InputSlot, register
 from stages.pretrain.config import PretrainConfig
 
+# data: a tokenize instance's shards; init: the model of another instance named by `init_from`
+# (continued pretraining, e.g. an annealing phase), else a fresh model from `model.preset`.
 register(name="pretrain", config=PretrainConfig, version="1", run="stages.pretrain.run:run",
-         consumes=("tokenize",))
+         inputs={"data": InputSlot("shards", prefer=("tokenize",)),
+                 "init": InputSlot("model", required=False, config_key="init_from", auto=False)},
+         outputs={"model": "model"})
 
 __all__ = ["PretrainConfig"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pipeline import storage
 from pipeline.errors import SeedlineError
 from pipeline.stage import StageContext
@@ -14,13 +12,12 @@ from stages.pretrain.task import PretrainTask
 
 def run(config: PretrainConfig, ctx: StageContext) -> FitResult:
     """Train on ``<tokenize out>/train``, validate on ``val``, export ``<out>/model``."""
-    data_dir = ctx.upstream["tokenize"].out_dir
-    if "://" in data_dir:
-        raise SeedlineError(f"{data_dir}: pretrain memory-maps the tokenized shards; the tokenize output "
-                            "must be on a local or shared filesystem")
-    if not (Path(data_dir) / "manifest.json").is_file():
+    data_dir = ctx.input("data").path  # on an object store: read through each node's shard cache
+    if not storage.exists(storage.join(data_dir, "manifest.json")):
         raise SeedlineError(f"{data_dir}: no manifest.json; has the tokenize stage finished?")
-    task = PretrainTask(data_dir, config.model, doc_mask=config.doc_mask)
+    init = ctx.input("init")
+    init_dir = init.path if init else config.init_from
+    task = PretrainTask(data_dir, config.model, doc_mask=config.doc_mask, init_dir=init_dir)
     ctx.tracker.log_params({"model_resolved": task.model_config.model_dump(mode="json")})
     result = fit(task, config, ctx)
     storage.write_json(ctx.path("stats.json"), {"steps": result.steps, "metrics": result.metrics,

@@ -1,9 +1,14 @@
 """SFT stage: ChatML rendering, assistant-only loss, packing, shared trainer (config registered)."""
 
-from pipeline.stage import register
+from pipeline.stage import InputSlot, register
 from stages.sft.config import SFTConfig, check
 
-register(name="sft", config=SFTConfig, version="1", run="stages.sft.run:run", uses=("pretrain", "tokenize"),
+# model: the pretrain instance's model (or the instance named by `init_from`; a directory there instead);
+# tokenizer: the tokenize instance's, used when the model directory has none.
+register(name="sft", config=SFTConfig, version="1", run="stages.sft.run:run",
+         inputs={"model": InputSlot("model", required=False, prefer=("pretrain",), config_key="init_from"),
+                 "tokenizer": InputSlot("tokenizer", required=False, prefer=("tokenize",))},
+         outputs={"model": "model"},
          check=check)
 
 __all__ = ["SFTConfig"]

@@ -33,18 +33,20 @@ def _sources(config: SFTConfig, ctx: StageContext) -> tuple[str, str]:
     """(model directory, tokenizer source directory). The tokenizer is the tokenize stage's when the model
     is the pretrain stage's (the same files), else the one saved with the ``init_from`` model (falling back
     to the tokenize stage's when that directory has none)."""
-    if config.init_from:
-        model_dir = config.init_from
-    elif "pretrain" in ctx.upstream:
-        model_dir = storage.join(ctx.upstream["pretrain"].out_dir, "model")
+    model, path = ctx.input("model"), None
+    if model is not None:
+        model_dir = model.path
+    elif config.init_from:
+        model_dir = path = config.init_from
     else:
         raise ConfigError("stages.sft.init_from", "required when the pipeline has no pretrain stage")
     if not storage.exists(storage.join(model_dir, "config.json")):
-        raise ConfigError("stages.sft.init_from" if config.init_from else "stages.sft",
+        raise ConfigError("stages.sft.init_from" if path else "stages.sft",
                           f"{model_dir} is not a Hugging Face model directory (no config.json)")
     own = storage.exists(storage.join(model_dir, "tokenizer.json"))
-    if "tokenize" in ctx.upstream and not (config.init_from and own):
-        return model_dir, storage.join(ctx.upstream["tokenize"].out_dir, "tokenizer")
+    tokenizer = ctx.input("tokenizer")
+    if tokenizer is not None and not (path and own):
+        return model_dir, tokenizer.path
     return model_dir, model_dir
 
 

@@ -1,9 +1,13 @@
 """Tokenize stage: BPE tokenizer, parallel encoding on Ray, packing into Arrow shards (config registered)."""
 
-from pipeline.stage import register
+from pipeline.stage import InputSlot, register
 from stages.tokenize.config import TokenizeConfig, check
 
-register(name="tokenize", config=TokenizeConfig, version="1", run="stages.tokenize.run:run", uses=("dedupe",),
-         check=check)
+# documents: the output of a filter or dedupe instance (the last of the chain when both run), else the
+# stage's own `input`. shards: the packed Arrow dataset (manifest.json at its root, see layout.py).
+register(name="tokenize", config=TokenizeConfig, version="1", run="stages.tokenize.run:run",
+         inputs={"documents": InputSlot("documents", required=False, prefer=("filter", "dedupe"))},
+         outputs={"shards": "", "tokenizer": "tokenizer"}, check=check,
+         report="stages.tokenize.report_section:section")
 
 __all__ = ["TokenizeConfig"]

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from pipeline.errors import ConfigError
+from pipeline.preflight import GLOBS, TOKENIZER
 from pipeline.stage import StrictModel, volatile
 
 # The special tokens every Seedline tokenizer has (added to a loaded tokenizer that lacks them).
@@ -30,7 +31,8 @@ class TokenizerSource(StrictModel):
 
     merge_defaults = False  # alternatives: a given block replaces the default whole
 
-    path: str | None = Field(None, description="tokenizer.json or a HF tokenizer directory")
+    path: str | None = Field(None, description="tokenizer.json or a HF tokenizer directory",
+                             json_schema_extra=TOKENIZER)
     train: TrainTokenizer | None = None
 
     @model_validator(mode="after")
@@ -48,7 +50,8 @@ class TokenizeConfig(StrictModel):
     """
 
     input: str | list[str] | None = Field(
-        None, description="glob(s) of JSONL, JSONL.gz, JSONL.zst or Parquet files; only without dedupe")
+        None, description="glob(s) of JSONL, JSONL.gz, JSONL.zst or Parquet files; only without dedupe",
+        json_schema_extra=GLOBS)
     text_field: str = Field("text", description="text field of `input` records (dedupe output: 'text')")
     id_field: str | None = Field(
         None, description="id field of `input` records; else their own `id` field where present, "
@@ -75,13 +78,14 @@ class TokenizeConfig(StrictModel):
         return self
 
 
-def check(config: BaseModel, present: set[str]) -> None:
-    """Cross-stage rule: tokenize reads dedupe's output when dedupe runs, else its own ``input``."""
-    if "dedupe" in present and getattr(config, "input", None):
+def check(config: BaseModel, bound: dict[str, list[str]]) -> None:
+    """Cross-stage rule: tokenize reads an upstream stage's documents when one is bound, else its own
+    ``input``."""
+    if bound.get("documents") and getattr(config, "input", None):
         raise ConfigError("stages.tokenize.input",
-                          "the pipeline has a dedupe stage and tokenize reads its output; remove "
-                          "stages.tokenize.input (or remove the dedupe stage)")
-    if "dedupe" not in present and not getattr(config, "input", None):
+                          f"tokenize reads the documents of stage {bound['documents'][0]}; remove "
+                          "stages.tokenize.input (or that stage)")
+    if not bound.get("documents") and not getattr(config, "input", None):
         raise ConfigError("stages.tokenize.input",
                           "required when the pipeline has no dedupe stage: a glob of JSONL, JSONL.gz, "
                           "JSONL.zst or Parquet files")

@@ -43,12 +43,12 @@ class Sources:
 
 
 def find_sources(config: TokenizeConfig, ctx: StageContext) -> Sources:
-    """Dedupe's output when the pipeline has dedupe, else ``config.input``."""
-    up = ctx.upstream.get("dedupe")
+    """The bound upstream stage's documents (dedupe or filter), else ``config.input``."""
+    up = ctx.input("documents")
     if up is not None:
-        paths = storage.glob(storage.join(up.out_dir, "data", "part-*.parquet"))
+        paths = storage.glob(storage.join(up.path, "part-*.parquet"))
         files = [InputFile(i, p, p.rsplit("/", 1)[-1]) for i, p in enumerate(paths)]
-        return Sources(files, "text", "id", "dedupe")
+        return Sources(files, "text", "id", up.type)
     if not config.input:
         raise ConfigError("stages.tokenize.input", "required when the pipeline has no dedupe stage")
     return Sources(expand_inputs(config.input, "stages.tokenize.input"), config.text_field, config.id_field,

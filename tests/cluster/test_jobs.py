@@ -58,8 +58,8 @@ def test_submitted_data_stages_succeed_and_their_logs_can_be_read(ray_head, loca
     assert printed.returncode == 0
     assert "dedupe: running in dedupe-" in printed.stdout and str(local_run["run_dir"]) in printed.stdout
 
-    [dedupe_dir] = run_dir.glob("dedupe-*")
-    [tokenize_dir] = run_dir.glob("tokenize-*")
+    [dedupe_dir] = (run_dir.parent / "store").glob("dedupe-*")
+    [tokenize_dir] = (run_dir.parent / "store").glob("tokenize-*")
     assert _status(dedupe_dir / "status.json")["state"] == "succeeded"
     manifest = json.loads((tokenize_dir / "manifest.json").read_text())
     assert manifest["seq_len"] == 32 and manifest["splits"]["train"]["rows"] > 0
@@ -96,7 +96,7 @@ def test_secrets_stay_out_of_metadata_logs_and_tracking(ray_head, local_run, mon
 
 def test_resume_through_the_cluster_skips_finished_stages(ray_head, local_run, monkeypatch):
     run_dir = local_run["run_dir"]
-    before = {p.parent.name: _status(p) for p in run_dir.glob("*/status.json")}
+    before = {p.parent.name: _status(p) for p in (run_dir.parent / "store").glob("*/status.json")}
     resumed = ray_head.seedline("resume", str(run_dir), "--address", ray_head.address)
     assert resumed.returncode == 0, resumed.stderr
     job = _job_id(resumed.stdout)
@@ -105,7 +105,7 @@ def test_resume_through_the_cluster_skips_finished_stages(ray_head, local_run, m
     assert wait(client, job, timeout=180) == "SUCCEEDED", logs(client, job)
     out = logs(client, job)
     assert "dedupe: done" in out and "tokenize: done" in out and "skipped" in out
-    after = {p.parent.name: _status(p) for p in run_dir.glob("*/status.json")}
+    after = {p.parent.name: _status(p) for p in (run_dir.parent / "store").glob("*/status.json")}
     assert after == before, "finished stages are not run again"
     jobs = json.loads((run_dir / "jobs.json").read_text())
     assert [j["job_id"] for j in jobs] == [local_run["job"], job]

@@ -98,7 +98,7 @@ def test_killed_driver_resumes_from_markers(tmp_path):
     assert len(slow_calls) <= 7 and sorted(set(slow_calls)) == [f"slow {i}" for i in range(6)]
     rows = {r["stage"]: r for r in json.loads(_seedline(env, "status", str(run_dir), "--json").stdout)}
     assert rows["slow"]["state"] == rows["after"]["state"] == "succeeded"
-    slow_dir = run_dir / f"slow-{rows['slow']['fingerprint']}"
+    slow_dir = run_dir.parent / "store" / f"slow-{rows['slow']['fingerprint']}"
     assert _outputs(slow_dir) == {f"shard-{i}.txt": str(i) for i in range(6)}
 
 

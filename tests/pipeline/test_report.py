@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipeline.report import write_report
 
 
@@ -120,16 +122,11 @@ def test_report_has_stages_data_curves_and_evaluation(tmp_path):
     assert "models:/seedline-lm@candidate" in page
 
 
-def test_report_of_a_partial_run_without_run_json(tmp_path):
+def test_report_needs_the_run_json_that_names_the_stages(tmp_path):
     run = _run_dir(tmp_path)
-    (run / "run.json").unlink()
-    for d in ("pretrain-ccc", "sft-ddd", "dpo-eee", "evaluate-fff"):
-        for f in (run / d).iterdir():
-            f.unlink()
-        (run / d).rmdir()
-    out = write_report(str(run), str(tmp_path / "r.html"))
-    page = Path(out).read_text()
-    assert "<td>dedupe</td>" in page and "<td>tokenize</td>" in page and "Evaluation" not in page
+    (run / "run.json").unlink()  # the stages live in the shared store: run.json says which are this run's
+    with pytest.raises(FileNotFoundError, match="no run.json"):
+        write_report(str(run), str(tmp_path / "r.html"))
 
 
 def test_pipeline_report_imports_no_heavy_modules():

@@ -60,7 +60,7 @@ def reference_run(dpo_assets, tmp_path_factory, ray_address) -> dict:
 
 def _ctx(out: Path, address: str) -> StageContext:
     return StageContext(name="dpo", out_dir=str(out), run_dir=str(out.parent), fingerprint="test",
-                        upstream={}, tracker=NullTracker(), progress=Progress(None),
+                        inputs={}, tracker=NullTracker(), progress=Progress(None),
                         logger=logging.getLogger("test"), ray_address=address)
 
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import torch
 
-from pipeline.stage import Progress, StageContext, Upstream
+from pipeline.stage import Output, Progress, StageContext
 from pipeline.tracking import NullTracker
 from stages.lm.hf import export_hf
 from stages.lm.model import CausalLM, ModelConfig
@@ -158,13 +158,13 @@ def write_dpo_pairs(dpo_dir: Path, tok, pairs: list[tuple[str, str, str]]) -> Pa
     return dpo_dir / "pairs" / "val.arrow"
 
 
-def context(out: Path, run_dir: Path, upstream: dict[str, Upstream], tracker=None) -> StageContext:
+def context(out: Path, run_dir: Path, inputs: dict[str, list[Output]], tracker=None) -> StageContext:
     return StageContext(
         name="evaluate",
         out_dir=str(out),
         run_dir=str(run_dir),
         fingerprint="evalfp",
-        upstream=upstream,
+        inputs=inputs,
         tracker=tracker or NullTracker(),
         progress=Progress(None),
         logger=logging.getLogger("test.evaluate"),

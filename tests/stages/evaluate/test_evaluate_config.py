@@ -39,7 +39,7 @@ def test_metric_and_task_errors_name_the_key():
 
 def test_evaluate_needs_a_model_and_preference_true_needs_dpo():
     with pytest.raises(ConfigError, match="needs a model"):
-        check(EvaluateConfig(), {"tokenize"})
+        check(EvaluateConfig(), {"data": ["tokenize"], "models": []})
     with pytest.raises(ConfigError, match=r"stages\.evaluate\.preference"):
-        check(EvaluateConfig(preference=True), {"tokenize", "pretrain"})
-    check(EvaluateConfig(preference="auto"), {"tokenize", "pretrain"})
+        check(EvaluateConfig(preference=True), {"data": ["tokenize"], "models": ["pretrain"]})
+    check(EvaluateConfig(preference="auto"), {"data": ["tokenize"], "models": ["pretrain"]})

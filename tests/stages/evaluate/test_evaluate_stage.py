@@ -25,7 +25,7 @@ from eval_helpers import (
     write_mc_task,
 )
 
-from pipeline.stage import Upstream
+from pipeline.stage import handle
 from stages.evaluate.config import EvaluateConfig
 from stages.evaluate.run import run
 from stages.lm.data import PackedDataset
@@ -96,11 +96,15 @@ def setup(tmp_path_factory, ray_session):
     tracking = PipelineTracking(uri, "evaltest")
     parent = tracking.parent(None, "evaltest", {})
     tracker = tracking.child(parent, None, "evaluate", {})
-    upstream = {"tokenize": Upstream("tokenize", str(tok_dir), "tokfp", tok_cfg.model_dump(mode="json"))}
-    for stage in models:
-        upstream[stage] = Upstream(
-            stage, str(root / stage), f"{stage}fp", {"beta": BETA} if stage == "dpo" else {}
-        )
+    tok_config = tok_cfg.model_dump(mode="json")
+    upstream = {"data": [handle("tokenize", str(tok_dir), "shards", fingerprint="tokfp", config=tok_config)],
+                "tokenizer": [handle("tokenize", str(tok_dir), "tokenizer", fingerprint="tokfp")],
+                "models": [handle(s, str(root / s), "model", fingerprint=f"{s}fp") for s in models]}
+    if "dpo" in models:
+        dpo = {"fingerprint": "dpofp", "config": {"beta": BETA},
+               "inputs": {"model": ("sft",)} if "sft" in models else {}}
+        upstream["pairs"] = [handle("dpo", str(root / "dpo"), "preference_pairs", **dpo)]
+        upstream["reference"] = [handle("dpo", str(root / "dpo"), "reference_logps", **dpo)]
     config = EvaluateConfig(
         perplexity={"enabled": True, "batches": 0},
         tasks=[

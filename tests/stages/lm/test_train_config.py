@@ -108,7 +108,15 @@ def test_run_json_records_the_merged_values_and_the_fingerprint_follows_them():
 
 def test_plan_shows_the_resolved_config(tmp_path):
     path = tmp_path / "p.yaml"
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "a.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"")
     data = _pipeline({"steps": 200}) | {"workdir": str(tmp_path / "runs")}
+    data["stages"]["tokenize"]["input"] = str(tmp_path / "x" / "*.jsonl")
+    data["stages"]["dpo"] |= {"data": str(tmp_path / "p.jsonl"), "init_from": str(tmp_path / "m")}
     path.write_text(yaml.safe_dump(data))
     out = subprocess.run([sys.executable, "-m", "pipeline", "plan", str(path), "--show-config"], cwd=REPO,
                          capture_output=True, text=True)

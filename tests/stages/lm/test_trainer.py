@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from pipeline.config import validate_config
 from pipeline.errors import SeedlineError
 from pipeline.runner import run_pipeline
-from pipeline.stage import Progress, StageContext, Upstream
+from pipeline.stage import Progress, StageContext, handle
 from pipeline.tracking import NullTracker
 from stages.lm.trainer import fit
 from stages.pretrain.config import PretrainConfig
@@ -91,7 +91,7 @@ def reference(tmp_path_factory, ray_address):
 
 def _ctx(out: Path, data_dir: Path, address: str) -> StageContext:
     return StageContext(name="pretrain", out_dir=str(out), run_dir=str(out.parent), fingerprint="test",
-                        upstream={"tokenize": Upstream("tokenize", str(data_dir), "fp", {})},
+                        inputs={"data": [handle("tokenize", str(data_dir), "shards")]},
                         tracker=NullTracker(), progress=Progress(str(out / "progress.json")),
                         logger=logging.getLogger("test"), ray_address=address)
 
@@ -194,13 +194,13 @@ def test_zero3_trains_like_zero2(tmp_path_factory, reference, ray_address):
 KILLED_RUN = r"""
 import json, logging, sys
 from pathlib import Path
-from pipeline.stage import Progress, StageContext, Upstream
+from pipeline.stage import Progress, StageContext, handle
 from pipeline.tracking import NullTracker
 from stages.pretrain.config import PretrainConfig
 from stages.pretrain.run import run
 out, data, address, cfg = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 ctx = StageContext(name="pretrain", out_dir=out, run_dir=str(Path(out).parent), fingerprint="test",
-                   upstream={"tokenize": Upstream("tokenize", data, "fp", {})}, tracker=NullTracker(),
+                   inputs={"data": [handle("tokenize", data, "shards")]}, tracker=NullTracker(),
                    progress=Progress(None), logger=logging.getLogger("test"), ray_address=address)
 run(PretrainConfig(**cfg), ctx)
 print("NOT KILLED")

@@ -26,7 +26,8 @@ def _pipeline(pretrain: dict) -> dict:
 
 def test_registered_torch_free_and_consumes_tokenize():
     spec = get("pretrain")
-    assert spec.consumes == ("tokenize",) and spec.config_model is PretrainConfig
+    assert spec.inputs["data"].kind == "shards" and spec.inputs["data"].required
+    assert spec.outputs["model"] == "model" and spec.config_model is PretrainConfig
     assert spec.run == "stages.pretrain.run:run"
     code = ("import sys, stages.pretrain; "
             "print(sorted({'torch', 'ray', 'deepspeed'} & {m.split('.')[0] for m in sys.modules}))")
@@ -43,7 +44,7 @@ def test_config_errors_name_the_key():
         validate_config(_pipeline({"scaling": {"gpus": 2}}))
     with pytest.raises(ConfigError, match=r"stages\.pretrain\.model"):
         validate_config(_pipeline({"model": {"preset": "tiny", "overrides": {"width": 3}}}))
-    with pytest.raises(ConfigError, match="consumes stage 'tokenize'"):
+    with pytest.raises(ConfigError, match="needs a 'shards' input.*add a stage of type tokenize"):
         validate_config({"name": "p", "stages": {"pretrain": {}}})
 
 

@@ -69,7 +69,7 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 512) -> Path:
 
 def stage_context(out: Path, ray_address: str | None, tracker=None) -> StageContext:
     return StageContext(name="sft", out_dir=str(out), run_dir=str(out.parent), fingerprint="test",
-                        upstream={}, tracker=tracker or NullTracker(), progress=Progress(None),
+                        inputs={}, tracker=tracker or NullTracker(), progress=Progress(None),
                         logger=logging.getLogger("sft-test"), ray_address=ray_address)
 
 

@@ -172,20 +172,20 @@ def test_config_errors_name_the_field(inputs):
 
 
 def test_model_and_tokenizer_sources(tmp_path, inputs):
-    from pipeline.stage import Upstream
+    from pipeline.stage import handle
     from stages.sft.run import _sources
 
-    tokenize = Upstream("tokenize", str(tmp_path / "tokenize"), "f1", {})
-    pretrain = Upstream("pretrain", str(tmp_path / "pretrain"), "f2", {})
+    tokenize = handle("tokenize", str(tmp_path / "tokenize"), "tokenizer")
+    pretrain = handle("pretrain", str(tmp_path / "pretrain"), "model")
     ctx = stage_context(tmp_path / "sft", None)
-    ctx.upstream = {"tokenize": tokenize, "pretrain": pretrain}
+    ctx.inputs = {"tokenizer": [tokenize], "model": [pretrain]}
     base = inputs["base"]
     (tmp_path / "pretrain").mkdir()
     (tmp_path / "pretrain" / "model").symlink_to(base)
     model, tok = _sources(SFTConfig(data="x"), ctx)
     assert (model, tok) == (str(tmp_path / "pretrain" / "model"), str(tmp_path / "tokenize" / "tokenizer"))
-    ctx.upstream = {"tokenize": tokenize}  # an init_from model brings its own tokenizer
+    ctx.inputs = {"tokenizer": [tokenize]}  # an init_from model brings its own tokenizer
     assert _sources(SFTConfig(data="x", init_from=str(base)), ctx) == (str(base), str(base))
-    ctx.upstream = {}
+    ctx.inputs = {}
     with pytest.raises(ConfigError, match="not a Hugging Face model directory"):
         _sources(SFTConfig(data="x", init_from=str(tmp_path)), ctx)

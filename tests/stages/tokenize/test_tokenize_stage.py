@@ -20,7 +20,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from pipeline.errors import ConfigError
-from pipeline.stage import Progress, StageContext, Upstream
+from pipeline.stage import Progress, StageContext, handle
 from pipeline.tracking import NullTracker
 from stages.tokenize.config import TokenizeConfig
 from stages.tokenize.run import KILL_ENV, run
@@ -71,10 +71,10 @@ def ray_address(s3_endpoint):
 
 
 def _ctx(out: Path | str, address: str, dedupe_dir: Path | str | None = None) -> StageContext:
-    upstream = {"dedupe": Upstream("dedupe", str(dedupe_dir), "fp", {})} if dedupe_dir else {}
+    inputs = {"documents": [handle("dedupe", str(dedupe_dir), "documents")]} if dedupe_dir else {}
     return StageContext(name="tokenize", out_dir=str(out), run_dir=str(out).rsplit("/", 1)[0],
                         fingerprint="test",
-                        upstream=upstream, tracker=NullTracker(), progress=Progress(None),
+                        inputs=inputs, tracker=NullTracker(), progress=Progress(None),
                         logger=logging.getLogger("test"), ray_address=address)
 
 
@@ -236,7 +236,7 @@ from stages.tokenize.config import TokenizeConfig
 from stages.tokenize.run import run
 out, dedupe, address, cfg = sys.argv[1:5]
 ctx = StageContext(name="tokenize", out_dir=out, run_dir=str(Path(out).parent), fingerprint="t",
-                   upstream={"dedupe": Upstream("dedupe", dedupe, "fp", {})}, tracker=NullTracker(),
+                   inputs={"documents": [handle("dedupe", dedupe, "documents")]}, tracker=NullTracker(),
                    progress=Progress(None), logger=logging.getLogger("t"), ray_address=address)
 run(TokenizeConfig(**json.loads(cfg), num_workers=1, batch_chars=3000), ctx)
 """

@@ -1,0 +1,217 @@
+"""Experiments: stage instances, input bindings, declared outputs, a store shared across runs, gc, plan."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline import stage as registry
+from pipeline.config import validate_config
+from pipeline.errors import ConfigError
+from pipeline.graph import order
+from pipeline.runner import run_pipeline
+from pipeline.stage import InputSlot, StrictModel
+from pipeline.store import collect, unreferenced
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = dict(os.environ, SEEDLINE_STAGE_MODULES="tests.pipeline.test_experiments")
+CALLS: list[str] = []
+
+
+class SrcConfig(StrictModel):
+    n: int = 3
+
+
+class TrainConfig(StrictModel):
+    lr: float = 1.0
+    init_from: str | None = None
+
+
+class EvalConfig(StrictModel):
+    models: list[str] | None = None
+
+
+def src_run(config: SrcConfig, ctx) -> None:
+    CALLS.append(ctx.name)
+    (Path(ctx.out_dir) / "docs").mkdir(parents=True, exist_ok=True)
+    (Path(ctx.out_dir) / "docs" / "n.txt").write_text(str(config.n))
+
+
+def tok_run(config: SrcConfig, ctx) -> None:
+    CALLS.append(ctx.name)
+    n = int((Path(ctx.input("docs").path) / "n.txt").read_text())
+    (Path(ctx.out_dir) / "shards.txt").write_text(str(n * 10))
+
+
+def train_run(config: TrainConfig, ctx) -> None:
+    CALLS.append(ctx.name)
+    data = int((Path(ctx.input("data").path) / "shards.txt").read_text())
+    init = ctx.input("init")
+    start = float((Path(init.path) / "w.txt").read_text()) if init else 0.0
+    (Path(ctx.out_dir) / "model").mkdir(parents=True, exist_ok=True)
+    (Path(ctx.out_dir) / "model" / "w.txt").write_text(str(start + data * config.lr))
+
+
+def eval_run(config: EvalConfig, ctx) -> None:
+    CALLS.append(ctx.name)
+    scores = {m.instance: float((Path(m.path) / "w.txt").read_text()) for m in ctx.input_list("models")}
+    (Path(ctx.out_dir) / "results.json").write_text(json.dumps(scores))
+
+
+registry.register("x_src", SrcConfig, "1", f"{__name__}:src_run", outputs={"docs": "docs"})
+registry.register("x_tok", SrcConfig, "1", f"{__name__}:tok_run",
+                  inputs={"docs": InputSlot("docs")}, outputs={"shards": ""})
+registry.register("x_train", TrainConfig, "1", f"{__name__}:train_run",
+                  inputs={"data": InputSlot("shards", prefer=("x_tok",)),
+                          "init": InputSlot("model", required=False, config_key="init_from", auto=False)},
+                  outputs={"model": "model"})
+registry.register("x_eval", EvalConfig, "1", f"{__name__}:eval_run",
+                  inputs={"models": InputSlot("model", many=True, config_key="models")},
+                  outputs={"results": "results.json"})
+
+
+def _cfg(tmp_path, name="exp", n=3, **stages) -> dict:
+    base = {"x_src": {"n": n}, "x_tok": {}, "small": {"type": "x_train"},
+            "big": {"type": "x_train", "lr": 2.0}}
+    return {"name": name, "workdir": str(tmp_path / "w"), "stages": stages or base}
+
+
+def test_two_instances_of_one_type_and_evaluate_over_every_model(tmp_path):
+    CALLS.clear()
+    stages = {"x_src": {}, "x_tok": {}, "small": {"type": "x_train"}, "big": {"type": "x_train", "lr": 2.0},
+              "x_eval": {}}
+    res = run_pipeline(validate_config(_cfg(tmp_path, **stages)))
+    assert CALLS == ["x_src", "x_tok", "small", "big", "x_eval"]
+    assert res.stage_dirs["small"] != res.stage_dirs["big"]
+    assert Path(res.stage_dirs["small"]).name.startswith("x_train-")
+    scores = json.loads((Path(res.stage_dirs["x_eval"]) / "results.json").read_text())
+    assert scores == {"small": 30.0, "big": 60.0}  # every model instance, in pipeline order
+    run = json.loads((Path(res.run_dir) / "run.json").read_text())
+    assert run["stages"]["big"].startswith("store/x_train-")
+    assert run["config"]["stages"]["big"]["type"] == "x_train"
+    assert run["config"]["stages"]["x_eval"]["inputs"] == {"models": ["small", "big"]}
+
+
+def test_ambiguous_or_unknown_binding_is_a_config_error_with_the_key(tmp_path):
+    stages = {"x_src": {}, "a": {"type": "x_tok"}, "b": {"type": "x_tok"}, "m": {"type": "x_train"}}
+    with pytest.raises(ConfigError, match=r"stages\.m\.inputs: .*ambiguous: candidates a, b"):
+        validate_config(_cfg(tmp_path, **stages))
+    stages["m"]["inputs"] = ["b"]
+    nodes = {n.name: n for n in order(validate_config(_cfg(tmp_path, **stages)))}
+    assert nodes["m"].bound["data"] == ("b",)
+    stages["m"]["inputs"] = ["nope"]
+    with pytest.raises(ConfigError, match=r"stages\.m\.inputs: 'nope' is not another stage instance"):
+        validate_config(_cfg(tmp_path, **stages))
+    stages["m"]["inputs"] = {"data": "x_src"}
+    with pytest.raises(ConfigError, match=r"stages\.m\.inputs\.data: 'x_src' \(type x_src\) does not output"):
+        validate_config(_cfg(tmp_path, **stages))
+    with pytest.raises(ConfigError, match=r"stages\.m\.type: unknown stage type 'x_nope'"):
+        validate_config(_cfg(tmp_path, x_src={}, x_tok={}, m={"type": "x_nope"}))
+
+
+def test_continued_training_starts_from_the_other_instance(tmp_path):
+    CALLS.clear()
+    stages = {"x_src": {}, "x_tok": {}, "small": {"type": "x_train"},
+              "anneal": {"type": "x_train", "init_from": "small", "lr": 0.5}, "x_eval": {"models": ["anneal"]}}
+    cfg = validate_config(_cfg(tmp_path, **stages))
+    assert {n.name: n.inputs for n in order(cfg)}["anneal"] == ("x_tok", "small")
+    res = run_pipeline(cfg)
+    assert float((Path(res.stage_dirs["anneal"]) / "model" / "w.txt").read_text()) == 30.0 + 15.0
+    assert json.loads((Path(res.stage_dirs["x_eval"]) / "results.json").read_text()) == {"anneal": 45.0}
+
+
+def test_renaming_an_instance_keeps_its_store_entry(tmp_path):
+    a = {n.name: n.dirname for n in order(validate_config(_cfg(tmp_path)))}
+    renamed = {"x_src": {"n": 3}, "x_tok": {}, "tiny": {"type": "x_train"}, "big": {"type": "x_train", "lr": 2.0}}
+    b = {n.name: n.dirname for n in order(validate_config(_cfg(tmp_path, **renamed)))}
+    assert a["small"] == b["tiny"] and a["big"] == b["big"]
+
+
+def test_a_second_run_reuses_the_shared_entries(tmp_path):
+    CALLS.clear()
+    first = run_pipeline(validate_config(_cfg(tmp_path, name="one")))
+    src_status = json.loads((Path(first.stage_dirs["x_src"]) / "status.json").read_text())
+    second_cfg = _cfg(tmp_path, name="two")
+    second_cfg["stages"]["big"]["lr"] = 3.0
+    CALLS.clear()
+    second = run_pipeline(validate_config(second_cfg))
+    assert CALLS == ["big"]  # x_src, x_tok and small were made by run one
+    assert second.outcomes == {"x_src": "reused", "x_tok": "reused", "small": "reused", "big": "ran"}
+    assert json.loads((Path(second.stage_dirs["x_src"]) / "status.json").read_text()) == src_status
+    client = MlflowClient(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("two").experiment_id
+    runs = {r.data.tags["seedline.stage"]: r for r in client.search_runs([exp], "tags.seedline.stage != ''")}
+    assert runs["x_tok"].data.tags["seedline.reused_from"] == first.run_dir
+    assert runs["x_tok"].data.tags["seedline.reused_mlflow_run_id"]
+    assert "seedline.reused" not in runs["big"].data.tags
+    out = subprocess.run([sys.executable, "-m", "pipeline", "status", second.run_dir, "--json"], cwd=REPO,
+                         capture_output=True, text=True, check=True)
+    rows = {r["stage"]: r for r in json.loads(out.stdout)}
+    assert rows["x_tok"]["made_by"] == first.run_dir and rows["big"]["made_by"] == second.run_dir
+
+
+def test_gc_lists_and_removes_exactly_the_unreferenced_entries(tmp_path):
+    workdir = str(tmp_path / "w")
+    old = run_pipeline(validate_config(_cfg(tmp_path, n=3)))
+    new = run_pipeline(validate_config(_cfg(tmp_path, n=4)))  # same run name: run.json now points at new
+    stale = sorted({old.stage_dirs[k] for k in old.stage_dirs} - set(new.stage_dirs.values()))
+    assert len(stale) == 4
+    assert unreferenced(workdir) == stale
+    out = subprocess.run([sys.executable, "-m", "pipeline", "gc", workdir, "--dry-run"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    assert sorted(re.findall(r"would remove (\S+)", out)) == stale and "4 unreferenced" in out
+    assert all(Path(d).exists() for d in stale)
+    assert collect(workdir) == stale
+    assert not any(Path(d).exists() for d in stale) and all(Path(d).exists() for d in new.stage_dirs.values())
+
+
+def test_plan_explains_reuse_run_and_changed_keys(tmp_path):
+    run_pipeline(validate_config(_cfg(tmp_path, name="one")))
+    conf = tmp_path / "two.yaml"
+    data = _cfg(tmp_path, name="two")
+    data["stages"]["big"]["lr"] = 5.0
+    conf.write_text(yaml.safe_dump(data))
+    out = subprocess.run([sys.executable, "-m", "pipeline", "plan", str(conf)], cwd=REPO, capture_output=True,
+                         text=True, check=True, env=ENV).stdout
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert re.search(r"reuse .*made by run .*/w/one", lines["x_tok"])
+    assert " run " in lines["big"] and "new config" in lines["big"]
+    run_pipeline(validate_config(data))
+    data["stages"]["big"]["lr"] = 6.0
+    conf.write_text(yaml.safe_dump(data))
+    out = subprocess.run([sys.executable, "-m", "pipeline", "plan", str(conf)], cwd=REPO, capture_output=True,
+                         text=True, check=True, env=ENV).stdout
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert "changed: stages.big.lr" in lines["big"] and lines["small"].split()[1] == "reuse"
+
+
+def test_no_stage_reads_another_stage_by_path():
+    """Consumers get typed handles (ctx.input); only a stage's own package knows its file layout."""
+    offenders = []
+    for path in sorted((REPO / "stages").rglob("*.py")):
+        src = path.read_text()
+        for pattern in (r"ctx\.upstream", r"(?<!ctx)(?<!self)\.out_dir\b", r"\bUpstream\("):
+            if re.search(pattern, src):
+                offenders.append(f"{path.relative_to(REPO)}: {pattern}")
+        pkg = path.relative_to(REPO / "stages").parts[0]
+        for other, spec in registry.registry().items():
+            if other == pkg:
+                continue
+            for rel in spec.outputs.values():
+                if "/" in rel and rel in src:
+                    offenders.append(f"{path.relative_to(REPO)}: {other}'s {rel}")
+    assert offenders == []
+
+
+def test_the_core_imports_no_stage_and_no_cluster_module():
+    for path in sorted((REPO / "pipeline").rglob("*.py")):
+        src = path.read_text()
+        assert not re.search(r"^\s*(from|import) (stages|cluster)\b", src, re.M), path
