@@ -289,8 +289,8 @@ class Runner:
     def _output(self, up: Node, kind: str) -> Output:
         """A handle on the ``kind`` output of the finished instance ``up``, at the path it declared."""
         d = self.state.stage_dir(up.dirname)
-        return handle(up.type, d, kind, up.name, up.fingerprint, storage.read_json(storage.join(d, "config.json")),
-                      up.bound)
+        config = storage.read_json(storage.join(d, "config.json"))
+        return handle(up.type, d, kind, up.name, up.fingerprint, config, up.bound)
 
 
 def run_pipeline(cfg: PipelineConfig, only: str | None = None, from_stage: str | None = None,

@@ -120,7 +120,8 @@ def test_ambiguous_or_unknown_binding_is_a_config_error_with_the_key(tmp_path):
 def test_continued_training_starts_from_the_other_instance(tmp_path):
     CALLS.clear()
     stages = {"x_src": {}, "x_tok": {}, "small": {"type": "x_train"},
-              "anneal": {"type": "x_train", "init_from": "small", "lr": 0.5}, "x_eval": {"models": ["anneal"]}}
+              "anneal": {"type": "x_train", "init_from": "small", "lr": 0.5},
+              "x_eval": {"models": ["anneal"]}}
     cfg = validate_config(_cfg(tmp_path, **stages))
     assert {n.name: n.inputs for n in order(cfg)}["anneal"] == ("x_tok", "small")
     res = run_pipeline(cfg)
@@ -130,7 +131,8 @@ def test_continued_training_starts_from_the_other_instance(tmp_path):
 
 def test_renaming_an_instance_keeps_its_store_entry(tmp_path):
     a = {n.name: n.dirname for n in order(validate_config(_cfg(tmp_path)))}
-    renamed = {"x_src": {"n": 3}, "x_tok": {}, "tiny": {"type": "x_train"}, "big": {"type": "x_train", "lr": 2.0}}
+    renamed = {"x_src": {"n": 3}, "x_tok": {}, "tiny": {"type": "x_train"},
+               "big": {"type": "x_train", "lr": 2.0}}
     b = {n.name: n.dirname for n in order(validate_config(_cfg(tmp_path, **renamed)))}
     assert a["small"] == b["tiny"] and a["big"] == b["big"]
 
