@@ -4,7 +4,7 @@ Outputs under the stage directory:
 
 - ``data/train.arrow``, ``data/val.arrow`` (``stages.sft.data``; val may hold no rows);
 - ``rejects/<split>.jsonl``: every record not trained on, ``{"file", "line", "reason", "snippet"}``
-  (malformed records), or ``{"id", "reason"}`` (too long for ``max_len`` under the policy);
+  (malformed records), plus ``"id"`` for those the length policy left out (too long for ``max_len``);
 - ``data/prepared.json`` (written last, the step's marker): the counts that go into ``stats.json``.
 
 It depends only on the input files, the tokenizer and the non-volatile config, so a run that is killed
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import storage
-from stages.common.records import Reject
+from stages.common.records import SNIPPET_CHARS, Reject
 from stages.sft.chat import ChatEncoder
 from stages.sft.data import Encoded, RowStats, apply_length_policy, build_rows, rows_table, write_rows
 from stages.sft.read import Example, is_val, read_examples
@@ -43,6 +43,13 @@ class DataSpec:
 def _reason_key(reason: str) -> str:
     """A short category for counting (the text before the first detail)."""
     return reason.split(":")[0].split(" (")[0].split("[")[0]
+
+
+def _dropped(ex: Example, reason: str) -> dict[str, Any]:
+    """The reject record of an example the length policy left out: the same fields as a quarantined
+    record (where it is, why, the start of it) plus its id."""
+    snippet = json.dumps(ex.messages, ensure_ascii=False)[:SNIPPET_CHARS]
+    return {"file": ex.file, "line": ex.line, "id": ex.id, "reason": reason, "snippet": snippet}
 
 
 def _encode(encoder: ChatEncoder, examples: list[Example]) -> list[Encoded]:
@@ -82,7 +89,8 @@ def prepare(spec: DataSpec, tokenizer_json: str, out_dir: str) -> dict[str, Any]
         stats.trained_tokens = int(sum(int(ex.mask[1:].sum()) for ex in kept))
         write_rows(storage.join(out_dir, "data", f"{split}.arrow"), rows_table(kept, rows))
         lines = [json.dumps(r.to_dict(), ensure_ascii=False) for r in rejects[split]]
-        lines += [json.dumps({"id": i, "reason": why}, ensure_ascii=False) for i, why in stats.dropped_ids]
+        by_id = {ex.id: ex for ex in examples[split]}
+        lines += [json.dumps(_dropped(by_id[i], why), ensure_ascii=False) for i, why in stats.dropped_ids]
         storage.write_text(storage.join(out_dir, "rejects", f"{split}.jsonl"),
                            "".join(line + "\n" for line in lines))
         summary[split] = {"records": seen[split], "quarantined": len(rejects[split]),

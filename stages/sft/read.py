@@ -19,10 +19,13 @@ from stages.sft.chat import BadRecord, Message, to_messages
 
 @dataclass(frozen=True)
 class Example:
-    """A good conversation; ``id`` is ``<file name>:<line>`` (stable across runs)."""
+    """A good conversation; ``id`` is ``<file name>:<line>`` (stable across runs); ``file`` and ``line``
+    say where it was read (for a reject record when the length policy leaves it out)."""
 
     id: str
     messages: list[Message]
+    file: str = ""
+    line: int = 0
 
 
 class ChatReader(RecordReader):
@@ -45,7 +48,7 @@ def read_examples(patterns: str | list[str], field_path: str,
     seen = 0
     for f in expand_inputs(patterns, field_path):
         reader = ChatReader(f.path, id_prefix=f.rel, on_reject=on_reject)
-        examples += [Example(rec.id, rec.fields["messages"]) for rec in reader]
+        examples += [Example(rec.id, rec.fields["messages"], f.path, rec.line) for rec in reader]
         seen += reader.lines
     return examples, seen
 
