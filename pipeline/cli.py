@@ -67,17 +67,53 @@ def _run(cfg, only: str | None, from_stage: str | None) -> None:
 
 @app.command()
 def run(config: Path, overrides: Overrides = None, only: str | None = typer.Option(None, "--only"),
-        from_stage: str | None = typer.Option(None, "--from")) -> None:
-    """Run (or continue) the pipeline described by CONFIG."""
-    from pipeline.config import load_config
+        from_stage: str | None = typer.Option(None, "--from"),
+        sweep: list[str] = typer.Option(None, "--sweep", help="KEY=V1,V2: run one variant per value "
+                                        "(repeat for a cross product); adds to the file's sweep: section"),
+        max_parallel: int | None = typer.Option(None, "--max-parallel", min=1,
+                                                help="sweep variants at once (default: max_parallel_stages, "
+                                                     "else one per local CPU)")) -> None:
+    """Run (or continue) the pipeline described by CONFIG (every variant of its sweep, if it has one)."""
+    from pipeline.config import load_raw, validate_config
     from pipeline.preflight import check
+    from pipeline.sweep import expand, parse_cli, sweep_of
 
     try:
-        cfg = load_config(config, overrides or [])
-        check(cfg)  # inputs, model directories, workdir: before anything starts
+        data = load_raw(config, overrides or [])
+        swept = sweep_of(data, parse_cli(sweep or []))
+        if swept:
+            variants = expand(data, swept)
+            for v in variants:
+                check(v.config)
+        else:
+            cfg = validate_config(data)
+            check(cfg)  # inputs, model directories, workdir: before anything starts
     except SeedlineError as e:
         _fail(e)
-    _run(cfg, only, from_stage)
+    if swept:
+        _run_sweep(data, swept, variants, max_parallel)
+    else:
+        _run(cfg, only, from_stage)
+
+
+def _run_sweep(data: dict, swept: dict, variants: list, max_parallel: int | None) -> None:
+    from pipeline.sweep import default_parallel, run_sweep, write_index
+
+    base = variants[0].config
+    sweep_dir = storage.join(base.workdir, data.get("name", "run"))
+    write_index(sweep_dir, swept, variants)
+    parallel = max_parallel or base.max_parallel_stages or default_parallel(variants)
+    typer.echo(f"sweep {sweep_dir}: {len(variants)} variants, {parallel} at once", err=True)
+    results = run_sweep(variants, data.get("name", "run"), parallel, lambda m: typer.echo(m, err=True))
+    failed = {n: r for n, r in results.items() if isinstance(r, Exception)}
+    for name, err in failed.items():
+        typer.echo(f"error: variant {name}: {err}", err=True)
+    for r in results.values():
+        if not isinstance(r, Exception):
+            typer.echo(r.run_dir)
+    typer.echo(sweep_dir)
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -234,6 +270,19 @@ def plan(config: Path, overrides: Overrides = None,
 
 
 @app.command()
+def compare(runs: list[str] = typer.Argument(..., help="run directories or sweep directories"),
+            as_json: bool = typer.Option(False, "--json", help="machine-readable rows")) -> None:
+    """One table of each run's (or sweep variant's) key numbers: losses, tokens, evaluation, wall time."""
+    from pipeline.compare import render, table
+
+    try:
+        rows = table(runs)
+    except SeedlineError as e:
+        _fail(e)
+    typer.echo(json.dumps(rows, indent=1, sort_keys=True) if as_json else render(rows))
+
+
+@app.command()
 def gc(workdir: str = typer.Argument("runs", help="the workdir whose store to clean"),
        dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be removed")) -> None:
     """Remove store entries (<workdir>/store/<type>-<fp>) that no run's run.json refers to."""
@@ -265,13 +314,17 @@ def ui(run_dir: str, port: int = 5000) -> None:
 
 
 @app.command()
-def report(run_dir: str = typer.Argument(..., help="the run directory (<workdir>/<name>)")) -> None:
-    """Write RUN_DIR/report.html: stages, durations, dedupe stats, token counts, loss curves, evaluation."""
+def report(run_dir: str = typer.Argument(..., help="a run directory (<workdir>/<name>), or a sweep's")
+           ) -> None:
+    """Write RUN_DIR/report.html: stages, durations, dedupe stats, token counts, loss curves, evaluation
+    (for a sweep: the variants side by side and their loss curves on shared axes)."""
     from pipeline.preflight import read_run_json
     from pipeline.report import write_report
+    from pipeline.sweep import read_index
 
     try:
-        read_run_json(run_dir, required=True)
+        if read_index(run_dir) is None:
+            read_run_json(run_dir, required=True)
     except SeedlineError as e:
         _fail(e)
     typer.echo(write_report(run_dir))

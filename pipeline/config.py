@@ -35,6 +35,8 @@ class PipelineConfig(StrictModel):
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
     stages: dict[str, Any] = Field(default_factory=dict)
+    max_parallel_stages: int | None = Field(
+        None, ge=1, description="sweep variants run at the same time (default: one per local CPU)")
     _stage_models: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
     _instances: dict[str, Any] = PrivateAttr(default_factory=dict)
 
@@ -159,11 +161,21 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """Read a YAML file, apply ``-s`` overrides, validate."""
+    """Read a YAML file, apply ``-s`` overrides, validate (a file with a ``sweep:`` section is run with
+    ``load_sweep``)."""
+    data = load_raw(path, overrides)
+    if data.get("sweep"):
+        raise ConfigError("sweep", "this command takes one pipeline; a sweep runs with `seedline run`")
+    data.pop("sweep", None)
+    return validate_config(data)
+
+
+def load_raw(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config file's raw mapping with ``-s`` overrides applied (not validated)."""
     data = read_yaml(path)
     for o in overrides:
         apply_override(data, o)
-    return validate_config(data)
+    return data
 
 
 def resolved(cfg: PipelineConfig) -> dict[str, Any]:

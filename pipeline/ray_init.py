@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 # Ray replaces a loopback ``_node_ip_address`` with the machine's external address unless "clusters" are
 # off (its macOS/Windows mode): then every process of the node (GCS, raylet, object manager, workers,
@@ -21,7 +22,16 @@ def _loopback_only() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
+_INIT_LOCK = threading.Lock()  # sweep variants run in threads of one driver: one ray.init
+
+
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Initialise Ray once per process (thread-safe); see ``_init_ray``."""
+    with _INIT_LOCK:
+        _init_ray(address, num_cpus)
+
+
+def _init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Initialise Ray once per process.
 
     ``address=None`` attaches to the cluster when running inside a Ray job (``RAY_ADDRESS`` is set

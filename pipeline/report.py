@@ -159,8 +159,38 @@ def _training_section(dirs: dict[str, str]) -> str:
     return "<h2>Training</h2>" + "".join(parts) if parts else ""
 
 
+def _sweep_page(sweep_dir: str, index: dict[str, Any]) -> str:
+    """A sweep's report: the comparison table and, per training instance, every variant's loss curve on
+    shared axes."""
+    from pipeline.charts import lines_png
+    from pipeline.compare import render, table
+
+    rows = table([sweep_dir])
+    curves: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    for v in index["variants"]:
+        for inst, d in stage_dirs(v["run_dir"]).items():
+            path = storage.join(d, "metrics.jsonl")
+            if storage.exists(path) and "loss" in (c := read_curves(path)):
+                curves.setdefault(inst, {})[v["name"]] = c["loss"]
+    charts = "".join(_img(lines_png(f"{inst}: loss by variant", series), inst)
+                     for inst, series in curves.items())
+    keys = ", ".join(f"{k} in {vals}" for k, vals in index["sweep"].items())
+    return (f"<h1>Seedline sweep: {_e(sweep_dir.rstrip('/').rsplit('/', 1)[-1])}</h1><p>{_e(keys)}</p>"
+            f"<h2>Variants</h2><pre>{_e(render(rows))}</pre><h2>Training</h2>{charts}")
+
+
 def write_report(run_dir: str, out_path: str | None = None) -> str:
-    """Write the run's report (default ``<run_dir>/report.html``) and return its path."""
+    """Write the run's report (default ``<run_dir>/report.html``) and return its path; for a sweep
+    directory, the sweep's report (variants side by side, loss curves on shared axes)."""
+    from pipeline.sweep import read_index
+
+    index = read_index(run_dir)
+    if index:
+        path = out_path or storage.join(run_dir, "report.html")
+        body = _sweep_page(run_dir, index)
+        storage.write_text(path, f"<!doctype html><html><head><meta charset='utf-8'><title>Seedline sweep"
+                                 f"</title><style>{STYLE}</style></head><body>{body}</body></html>\n")
+        return path
     dirs = stage_dirs(run_dir)
     if not dirs:
         raise FileNotFoundError(f"{run_dir}: no run.json with stages (is this a run directory?)")

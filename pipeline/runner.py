@@ -70,8 +70,10 @@ class Runner:
     """Drives one pipeline run; see ``run_pipeline``."""
 
     def __init__(self, cfg: PipelineConfig, show: Callable[[str], None] | None = None,
-                 progress_factory: Callable[[str], Callable[[dict[str, Any]], None]] | None = None):
+                 progress_factory: Callable[[str], Callable[[dict[str, Any]], None]] | None = None,
+                 tags: dict[str, str] | None = None):
         self.cfg = cfg
+        self.tags = dict(tags or {})
         self.state = RunState(cfg.run_dir())
         self.show = show or (lambda msg: log.info(msg))
         self.progress_factory = progress_factory
@@ -142,7 +144,8 @@ class Runner:
             # A database store keeps artifacts beside the runs it describes; a server decides for itself.
             artifacts = None if uri.startswith("http") else storage.join(self.cfg.workdir, "mlartifacts")
             self.tracking = PipelineTracking(uri, experiment, artifacts)
-            tags = {"seedline.run_dir": self.state.run_dir, "seedline.git_sha": git_sha() or "unknown"}
+            tags = {"seedline.run_dir": self.state.run_dir, "seedline.git_sha": git_sha() or "unknown",
+                    **self.tags}
             self.parent_run_id = self.tracking.parent(data.get("mlflow_parent_run_id"), self.cfg.name, tags)
         data.update(
             config=resolved(self.cfg),
@@ -247,10 +250,10 @@ class Runner:
                 "seedline.fingerprint": node.fingerprint, "seedline.run_dir": self.state.run_dir,
                 "seedline.reused": "true", "seedline.reused_from": status.get("run_dir") or "",
                 "seedline.reused_mlflow_run_id": status.get("mlflow_run_id") or ""}
-        runs = self.state.load().setdefault("reused_mlflow_runs", {})
-        tracker = self.tracking.child(self.parent_run_id, runs.get(node.name), node.name, tags)
-        if tracker.run_id and runs.get(node.name) != tracker.run_id:
-            data = self.state.load()
+        data = self.state.load()
+        known = data.get("reused_mlflow_runs", {}).get(node.name)
+        tracker = self.tracking.child(self.parent_run_id, known, node.name, tags)
+        if tracker.run_id and known != tracker.run_id:  # a resumed run re-opens the same child run
             data.setdefault("reused_mlflow_runs", {})[node.name] = tracker.run_id
             self.state.save(data)
         tracker.close("FINISHED")
@@ -296,6 +299,7 @@ class Runner:
 def run_pipeline(cfg: PipelineConfig, only: str | None = None, from_stage: str | None = None,
                  show: Callable[[str], None] | None = None,
                  progress_factory: Callable[[str], Callable[[dict[str, Any]], None]] | None = None,
-                 ) -> RunResult:
-    """Run (or resume) the pipeline ``cfg``. Raises ``StageFailed`` when a stage fails."""
-    return Runner(cfg, show, progress_factory).run(only=only, from_stage=from_stage)
+                 tags: dict[str, str] | None = None) -> RunResult:
+    """Run (or resume) the pipeline ``cfg``; ``tags`` go on its MLflow parent run. Raises ``StageFailed``
+    when a stage fails."""
+    return Runner(cfg, show, progress_factory, tags).run(only=only, from_stage=from_stage)

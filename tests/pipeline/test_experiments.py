@@ -217,3 +217,75 @@ def test_the_core_imports_no_stage_and_no_cluster_module():
     for path in sorted((REPO / "pipeline").rglob("*.py")):
         src = path.read_text()
         assert not re.search(r"^\s*(from|import) (stages|cluster)\b", src, re.M), path
+
+
+class SlowConfig(StrictModel):
+    lr: float = 1.0
+
+
+def slow_train_run(config: SlowConfig, ctx) -> None:
+    """A training stand-in that takes a second (so two variants can overlap) and logs a loss curve."""
+    import time
+
+    CALLS.append(ctx.name)
+    data = int((Path(ctx.input("data").path) / "shards.txt").read_text())
+    time.sleep(1.0)
+    lines = [json.dumps({"step": s, "loss": data / (s * config.lr), "tokens": 100 * s}) for s in (1, 2, 3)]
+    (Path(ctx.out_dir) / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+registry.register("x_slow", SlowConfig, "1", f"{__name__}:slow_train_run",
+                  inputs={"data": InputSlot("shards", prefer=("x_tok",))}, outputs={"model": ""})
+
+
+def _status(d: str) -> dict:
+    return json.loads((Path(d) / "status.json").read_text())
+
+
+def test_a_sweep_runs_the_shared_stages_once_and_the_variants_at_the_same_time(tmp_path):
+    conf = tmp_path / "sweep.yaml"
+    conf.write_text(yaml.safe_dump({
+        "name": "sw", "workdir": str(tmp_path / "w"),
+        "stages": {"x_src": {}, "x_tok": {}, "train": {"type": "x_slow"}},
+        "sweep": {"stages.train.lr": [1.0, 2.0]}}))
+    out = subprocess.run([sys.executable, "-m", "pipeline", "run", str(conf), "--max-parallel", "2"],
+                         cwd=REPO, capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr
+    index = json.loads((tmp_path / "w" / "sw" / "sweep.json").read_text())
+    assert [v["name"] for v in index["variants"]] == ["sw.lr1.0", "sw.lr2.0"]
+    a, b = (json.loads((Path(v["run_dir"]) / "run.json").read_text()) for v in index["variants"])
+    assert a["stages"]["x_tok"] == b["stages"]["x_tok"] and a["stages"]["train"] != b["stages"]["train"]
+    runs = [Path(v["run_dir"]) for v in index["variants"]]
+    # The shared stages ran once (one driver ran each, the other waited or reused it).
+    assert out.stderr.count("x_src: running in x_src-") == 1 and out.stderr.count("x_tok: running in x_tok-") == 1
+    train = [_status(str(r.parent / a["stages"]["train"])) for r in runs[:1]]
+    train.append(_status(str(runs[1].parent / b["stages"]["train"])))
+    assert train[0]["started"] < train[1]["finished"] and train[1]["started"] < train[0]["finished"]  # overlap
+    client = MlflowClient(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sw").experiment_id
+    parents = client.search_runs([exp], "tags.seedline.sweep = 'sw'")
+    assert sorted(p.data.tags["seedline.sweep.stages.train.lr"] for p in parents) == ["1.0", "2.0"]
+    shown = subprocess.run([sys.executable, "-m", "pipeline", "compare", str(tmp_path / "w" / "sw")],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "sw.lr1.0" in shown and "sw.lr2.0" in shown and "train/loss" in shown
+    rows = json.loads(subprocess.run([sys.executable, "-m", "pipeline", "compare", str(tmp_path / "w" / "sw"),
+                                      "--json"], cwd=REPO, capture_output=True, text=True, check=True).stdout)
+    assert [r["metrics"]["train/loss"] for r in rows] == [10.0, 5.0]
+    assert [r["values"]["stages.train.lr"] for r in rows] == [1.0, 2.0]
+    page = subprocess.run([sys.executable, "-m", "pipeline", "report", str(tmp_path / "w" / "sw")], cwd=REPO,
+                          capture_output=True, text=True, check=True).stdout.strip()
+    html = Path(page).read_text()
+    assert "Seedline sweep" in html and html.count("data:image/png;base64") == 1  # one shared-axes chart
+
+
+def test_a_bad_sweep_is_a_config_error(tmp_path):
+    conf = tmp_path / "sweep.yaml"
+    conf.write_text(yaml.safe_dump({"name": "sw", "workdir": str(tmp_path / "w"),
+                                    "stages": {"x_src": {}, "x_tok": {}, "train": {"type": "x_slow"}},
+                                    "sweep": {"stages.train.lr": "fast"}}))
+    out = subprocess.run([sys.executable, "-m", "pipeline", "run", str(conf)], cwd=REPO, capture_output=True,
+                         text=True, env=ENV)
+    assert out.returncode == 2 and "sweep.stages.train.lr" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "pipeline", "run", str(conf), "--sweep", "stages.train.lr=1,x"],
+                         cwd=REPO, capture_output=True, text=True, env=ENV)
+    assert out.returncode == 2 and "stages.train.lr" in out.stderr and "Traceback" not in out.stderr
