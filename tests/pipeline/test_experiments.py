@@ -257,10 +257,12 @@ def test_a_sweep_runs_the_shared_stages_once_and_the_variants_at_the_same_time(t
     assert a["stages"]["x_tok"] == b["stages"]["x_tok"] and a["stages"]["train"] != b["stages"]["train"]
     runs = [Path(v["run_dir"]) for v in index["variants"]]
     # The shared stages ran once (one driver ran each, the other waited or reused it).
-    assert out.stderr.count("x_src: running in x_src-") == 1 and out.stderr.count("x_tok: running in x_tok-") == 1
+    for shared in ("x_src", "x_tok"):
+        assert out.stderr.count(f"{shared}: running in {shared}-") == 1
     train = [_status(str(r.parent / a["stages"]["train"])) for r in runs[:1]]
     train.append(_status(str(runs[1].parent / b["stages"]["train"])))
-    assert train[0]["started"] < train[1]["finished"] and train[1]["started"] < train[0]["finished"]  # overlap
+    # The two variants' training overlapped in time.
+    assert train[0]["started"] < train[1]["finished"] and train[1]["started"] < train[0]["finished"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("sw").experiment_id
     parents = client.search_runs([exp], "tags.seedline.sweep = 'sw'")
@@ -286,6 +288,6 @@ def test_a_bad_sweep_is_a_config_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pipeline", "run", str(conf)], cwd=REPO, capture_output=True,
                          text=True, env=ENV)
     assert out.returncode == 2 and "sweep.stages.train.lr" in out.stderr and "Traceback" not in out.stderr
-    out = subprocess.run([sys.executable, "-m", "pipeline", "run", str(conf), "--sweep", "stages.train.lr=1,x"],
-                         cwd=REPO, capture_output=True, text=True, env=ENV)
+    out = subprocess.run([sys.executable, "-m", "pipeline", "run", str(conf), "--sweep",
+                          "stages.train.lr=1,x"], cwd=REPO, capture_output=True, text=True, env=ENV)
     assert out.returncode == 2 and "stages.train.lr" in out.stderr and "Traceback" not in out.stderr
