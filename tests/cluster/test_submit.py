@@ -28,6 +28,9 @@ def test_job_env_passes_only_what_stages_need(monkeypatch):
 
 def test_config_errors_are_reported_before_the_cluster_is_contacted(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN", "t")
+    monkeypatch.chdir(tmp_path)  # the input glob below is relative; submit pre-flights it (loopback cluster)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "a.jsonl").write_text('{"text": "a"}\n')
     cfg = tmp_path / "p.yaml"
     cfg.write_text(yaml.safe_dump({"name": "p", "workdir": str(tmp_path / "runs"),
                                    "stages": {"dedupe": {"input": "x/*.jsonl", "threshold": 2}}}))
