@@ -6,7 +6,7 @@ imported when the stage actually runs.
 
 import importlib
 
-for _name in ("dedupe", "tokenize", "pretrain", "sft", "dpo", "evaluate"):
+for _name in ("dedupe", "filter", "tokenize", "pretrain", "sft", "dpo", "evaluate"):
     try:
         importlib.import_module(f"stages.{_name}")
     except ModuleNotFoundError as e:  # a stage not written yet is simply not available
