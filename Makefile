@@ -18,3 +18,12 @@ demo: .venv/.installed
 
 test: .venv/.installed
 	.venv/bin/python -m pytest -q
+
+# A 3-node Ray cluster (head + 2 workers, 1 CPU each), a moto S3 endpoint and an MLflow server on
+# 127.0.0.1, state in .seedline-cluster/; cluster-up prints the variables to export.
+.PHONY: cluster-up cluster-down
+cluster-up: .venv/.installed
+	$(PY) -m cluster.local_cluster up .seedline-cluster
+
+cluster-down:
+	$(PY) -m cluster.local_cluster down .seedline-cluster

@@ -19,7 +19,7 @@ JOB_DIR = ".seedline-job"  # inside the working directory: the job's config
 EXCLUDE = (
     ".git", ".venv", "venv", ".env", ".env.*", "*.pem", "__pycache__", "*.pyc", ".pytest_cache",
     ".ruff_cache", ".mypy_cache", "*.egg-info", ".ipynb_checkpoints", "node_modules", "build", "dist", "runs",
-    "mlruns", "mlflow.db", "*.db-journal", JOB_DIR, ".whl", ".gl",
+    "mlruns", "mlflow.db", "*.db-journal", JOB_DIR, ".whl", ".gl", ".seedline-cluster",
 )
 MAX_BYTES = 256 * 1024 * 1024  # Ray refuses packages over 512 MiB; a project is far smaller
 

@@ -1,0 +1,124 @@
+"""Losing a machine and a driver on the 3-node cluster, through ``seedline submit`` / ``resume``, with the
+run on S3: a worker node SIGKILLed mid-pretrain (its whole process group) is replaced and the stage
+resumes from the newest complete checkpoint to the same per-step losses; a driver killed mid-stage is
+resumed with ``seedline resume s3://... --address``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import yaml
+from demo_settings import CONFIG, as_args, small_overrides
+from multinode_helpers import api, job_id, seedline, wait_until
+
+from pipeline import storage
+
+DROPPED = ("sft", "dpo", "evaluate")
+LONGER = ["stages.pretrain.train={steps: 8, micro_batch: 2, lr: 3.0e-3, min_lr: 3.0e-4, warmup: 1}"]
+
+
+def _overrides(demo_data, workdir: str, tracking: str, *extra: str) -> list[str]:
+    kept = [o for o in small_overrides(demo_data, workdir, tracking)
+            if not o.startswith(tuple(f"stages.{s}." for s in DROPPED))]
+    return kept + LONGER + list(extra)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> str:
+    """configs/tiny.yaml up to pretrain (dedupe, tokenize, pretrain)."""
+    data = yaml.safe_load(CONFIG.read_text())
+    for stage in DROPPED:
+        del data["stages"][stage]
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+def _stage_dir(run_dir: str, stage: str) -> str | None:
+    found = [p.rsplit("/", 1)[0] for p in storage.glob(f"{run_dir}/{stage}-*/status.json")]
+    return found[0] if found else None
+
+
+def _complete_steps(run_dir: str) -> list[int]:
+    d = _stage_dir(run_dir, "pretrain")
+    if d is None:
+        return []
+    return sorted(int(p.split("/step-")[1].split("/")[0])
+                  for p in storage.glob(f"{d}/checkpoints/step-*/complete.json"))
+
+
+def _losses(run_dir: str) -> dict[int, float]:
+    text = storage.read_text(f"{_stage_dir(run_dir, 'pretrain')}/metrics.jsonl")
+    rows = [json.loads(line) for line in text.splitlines() if line]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _status(cluster3, job: str) -> str:
+    return api(cluster3, f"/api/jobs/{job}")["status"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster3, demo_data, config) -> dict[int, float]:
+    """Per-step pretrain losses of the same config without any failure."""
+    run_dir = "s3://seedline/straight/tiny"
+    sub = seedline(cluster3, "submit", config,
+                   *as_args(_overrides(demo_data, "s3://seedline/straight", cluster3.mlflow_uri)))
+    assert sub.returncode == 0, sub.stderr
+    follow = seedline(cluster3, "logs", job_id(sub.stdout), "--follow")
+    assert follow.returncode == 0, follow.stdout[-4000:]
+    return _losses(run_dir)
+
+
+def test_lost_worker_node_is_replaced_and_pretrain_losses_match(cluster3, demo_data, config, uninterrupted):
+    run_dir = "s3://seedline/nodeloss/tiny"
+    sub = seedline(cluster3, "submit", config,
+                   *as_args(_overrides(demo_data, "s3://seedline/nodeloss", cluster3.mlflow_uri,
+                                       "stages.pretrain.scaling={num_workers: 2, cpus_per_worker: 1, "
+                                       "max_failures: 2}")))
+    assert sub.returncode == 0, sub.stderr
+    job = job_id(sub.stdout)
+    wait_until(lambda: _complete_steps(run_dir), 600, "a complete pretrain checkpoint on S3", poll=0.3)
+    killed_at = time.monotonic()
+    cluster3.kill_node("w2")
+    cluster3.start_node("w3")  # the replacement machine
+    wait_until(lambda: _status(cluster3, job) in ("SUCCEEDED", "FAILED", "STOPPED"), 900, "the job to end")
+    logs = seedline(cluster3, "logs", job).stdout
+    assert _status(cluster3, job) == "SUCCEEDED", logs[-4000:]
+    assert _losses(run_dir) == uninterrupted
+    print(f"\nnode loss: killed w2, job done {time.monotonic() - killed_at:.1f}s later")
+
+
+def _driver_pid(cluster3, job: str) -> int | None:
+    info = api(cluster3, f"/api/jobs/{job}")
+    return (info.get("driver_info") or {}).get("pid") and int(info["driver_info"]["pid"])
+
+
+def test_driver_killed_mid_stage_is_resumed_from_s3(cluster3, demo_data, config, uninterrupted):
+    run_dir = "s3://seedline/driverkill/tiny"
+    sub = seedline(cluster3, "submit", config,
+                   *as_args(_overrides(demo_data, "s3://seedline/driverkill", cluster3.mlflow_uri)),
+                   SEEDLINE_LEASE_TTL="3")
+    assert sub.returncode == 0, sub.stderr
+    job = job_id(sub.stdout)
+    wait_until(lambda: _complete_steps(run_dir), 600, "a complete pretrain checkpoint on S3", poll=0.3)
+    # The job's entrypoint runs in a shell; the driver is the `seedline run` process under it.
+    shell = wait_until(lambda: _driver_pid(cluster3, job), 60, "the driver's pid")
+    import psutil
+
+    for proc in [psutil.Process(shell), *psutil.Process(shell).children(recursive=True)]:
+        if "seedline" in " ".join(proc.cmdline()):
+            os.kill(proc.pid, signal.SIGKILL)
+    wait_until(lambda: _status(cluster3, job) in ("FAILED", "STOPPED", "SUCCEEDED"), 120, "the job to end")
+    resumed = seedline(cluster3, "resume", run_dir, "--address", cluster3.dashboard, SEEDLINE_LEASE_TTL="3")
+    assert resumed.returncode == 0, resumed.stderr
+    again = job_id(resumed.stdout)
+    follow = seedline(cluster3, "logs", again, "--follow")
+    assert follow.returncode == 0, follow.stdout[-4000:]
+    assert "pretrain: resuming" in follow.stdout or "resum" in follow.stdout
+    assert _losses(run_dir) == uninterrupted
+    statuses = [storage.read_json(p)["state"] for p in storage.glob(f"{run_dir}/*/status.json")]
+    assert statuses and set(statuses) == {"succeeded"}
