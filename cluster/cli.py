@@ -141,7 +141,12 @@ def stop_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    """Add the cluster commands to the Seedline CLI."""
+    """Add the cluster commands to the Seedline CLI (entry point ``seedline.commands``) and the hook that
+    makes ``seedline resume --address`` a cluster job."""
+    from cluster.submit import resubmit
+    from pipeline.cli import HOOKS
+
+    HOOKS["resubmit"] = resubmit
     app.command("submit")(submit_cmd)
     app.command("jobs")(jobs_cmd)
     app.command("logs")(logs_cmd)

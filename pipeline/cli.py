@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -124,9 +124,9 @@ def resume(run_dir: str, address: str | None = typer.Option(None, "--address"),
 
     try:
         if address:
-            from cluster.submit import resubmit
-
-            typer.echo(resubmit(run_dir, address, insecure=insecure))
+            if "resubmit" not in HOOKS:
+                raise ConfigError("--address", "cluster support is not installed (the cluster package)")
+            typer.echo(HOOKS["resubmit"](run_dir, address, insecure=insecure))
             return
         from pipeline.preflight import check, resumable_config
 
@@ -339,27 +339,29 @@ def example_data(out_dir: Path) -> None:
     typer.echo(write_all(out_dir))
 
 
-export_app = typer.Typer(no_args_is_help=True, help="Write a stage's model in another format.")
-app.add_typer(export_app, name="export")
+# Hooks that command plugins provide (``cluster`` sets "resubmit": resume a run as a cluster job).
+HOOKS: dict[str, Any] = {}
+PLUGIN_GROUP = "seedline.commands"
+DEFAULT_PLUGINS = ("cluster.cli:register", "stages.lm.cli:register")
 
 
-@export_app.command("gguf")
-def export_gguf(
-    run_dir: str = typer.Argument(..., help="the run directory (<workdir>/<name>)"),
-    stage: str | None = typer.Option(None, "--stage", help="the stage whose model/ to export "
-                                     "(default: the last stage of the run with a model)"),
-    out: str | None = typer.Option(None, "--out", help="the GGUF file (default: <stage dir>/model.gguf)"),
-    file_type: str = typer.Option("f32", "--type", help="weights: f32 (exact) or f16 (half the size)"),
-) -> None:
-    """Write a stage's model as a GGUF file (llama.cpp, Ollama; transformers loads it with gguf_file=)."""
-    from stages.lm.gguf_export import FILE_TYPES, export_run_gguf
+def load_plugins(target: typer.Typer) -> None:
+    """Add the commands of the ``seedline.commands`` entry points (the cluster's submit/jobs/logs/stop,
+    the model stages' export): the CLI sits above the core, the stages and the cluster package, and the
+    core imports neither. Without installed metadata (a bare checkout), the built-in plugins."""
+    import importlib
+    from importlib.metadata import entry_points
 
-    try:
-        if file_type not in FILE_TYPES:
-            raise ConfigError("--type", f"{file_type!r} is not one of {', '.join(FILE_TYPES)}")
-        typer.echo(export_run_gguf(run_dir, stage, out, file_type))
-    except (SeedlineError, FileNotFoundError, ValueError) as e:
-        _fail(e)
+    targets = sorted({ep.value for ep in entry_points(group=PLUGIN_GROUP)}) or list(DEFAULT_PLUGINS)
+    for t in targets:
+        module, _, func = t.partition(":")
+        try:
+            register = getattr(importlib.import_module(module), func)
+        except ModuleNotFoundError as e:
+            if e.name and module.startswith(e.name):  # that package is not installed here: no commands
+                continue
+            raise
+        register(target)
 
 
 def main() -> None:
@@ -370,12 +372,7 @@ def main() -> None:
     # Everything printed (messages, logs, Ray's forwarded worker output) passes the credential rule.
     sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        from cluster.cli import register
-    except ModuleNotFoundError:
-        register = None
-    if register:
-        register(app)
+    load_plugins(app)
     try:
         app()
     except SeedlineError as e:  # raised outside a command's own handling (e.g. a corrupt status file)
