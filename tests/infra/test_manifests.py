@@ -73,6 +73,56 @@ def _check_ray_cluster_spec(spec: dict, where: str) -> None:
     assert declared["CPU"] == sum(n * _quantity(lim["cpu"]) for n, lim in limits), where
 
 
+def _gib(quantity: str) -> float:
+    units = {"Gi": 1, "Ti": 1024, "Mi": 1 / 1024}
+    number, unit = re.fullmatch(r"(\d+)(Gi|Ti|Mi)", quantity).groups()
+    return float(number) * units[unit]
+
+
+def _check_node_cache(spec: dict, where: str) -> None:
+    """Every Ray pod has a node-local cache volume (emptyDir or hostPath: never shared storage) mounted
+    where SEEDLINE_NODE_CACHE points, with the shard cache limit below the volume's size."""
+    from stages.lm.node_cache import CACHE_ENV
+    from stages.lm.shard_cache import LIMIT_ENV
+
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for g in groups:
+        pod = g["template"]["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for c in pod["containers"]:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            name = f"{where}: {g.get('groupName', 'head')}/{c['name']}"
+            assert CACHE_ENV in env, f"{name}: no {CACHE_ENV}"
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            assert env[CACHE_ENV] in mounts, f"{name}: {CACHE_ENV} is not a mounted volume"
+            volume = volumes[mounts[env[CACHE_ENV]]]
+            assert "emptyDir" in volume or "hostPath" in volume, f"{name}: the cache must be node-local"
+            size = (volume.get("emptyDir") or {}).get("sizeLimit")
+            assert size, f"{name}: a sizeLimit keeps a full cache from evicting the pod unannounced"
+            assert float(env[LIMIT_ENV]) < _gib(size), f"{name}: {LIMIT_ENV} must stay below {size}"
+
+
+def test_every_ray_pod_has_a_node_local_cache():
+    _check_node_cache(_one(INFRA / "kuberay" / "raycluster.yaml", "RayCluster")["spec"], "raycluster.yaml")
+    job = _one(INFRA / "kuberay" / "rayjob.yaml", "RayJob")
+    _check_node_cache(job["spec"]["rayClusterSpec"], "rayjob.yaml")
+
+
+def test_vm_nodes_mount_a_node_local_cache():
+    from stages.lm.node_cache import CACHE_ENV
+    from stages.lm.shard_cache import LIMIT_ENV
+
+    cfg = yaml.safe_load((INFRA / "vm" / "cluster.yaml").read_text())
+    opts = " ".join(cfg["docker"]["run_options"])
+    cache = re.search(rf"-e {CACHE_ENV}=(\S+)", opts).group(1)
+    assert re.search(rf"-v /\S+:{re.escape(cache)}\b", opts), "the cache is a directory of the instance"
+    limit = float(re.search(rf"-e {LIMIT_ENV}=(\S+)", opts).group(1))
+    for name, t in cfg["available_node_types"].items():
+        disks = t["node_config"].get("BlockDeviceMappings", [])
+        if t["resources"].get("GPU"):
+            assert disks and limit < disks[0]["Ebs"]["VolumeSize"], f"{name}: disk smaller than the cache"
+
+
 def test_raycluster_has_token_auth_autoscaling_and_gpu_group():
     cluster = _one(INFRA / "kuberay" / "raycluster.yaml", "RayCluster")
     assert cluster["apiVersion"] == "ray.io/v1"
