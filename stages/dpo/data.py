@@ -19,8 +19,11 @@ tokens; then the sequence keeps its first ``max_len`` tokens. Both are counted i
 Tokenized pairs are stored as one Arrow IPC file per split (``pairs/<split>.arrow``: ``id``,
 ``chosen``, ``chosen_mask``, ``rejected``, ``rejected_mask``). ``PairData`` builds model batches from
 it: a micro-batch of B pairs is one (2B, T) tensor, the B chosen sequences then the B rejected ones,
-right-padded to ``T = max_len`` (a fixed shape: every row's log-probabilities are then computed the
-same way in the reference pass and in training, so both reference modes give identical results).
+right-padded to ``T`` = the batch's longest sequence rounded up to a multiple of ``PAD_MULTIPLE``
+(never to ``max_len``: real pairs are far shorter). The rounding keeps every row's log-probabilities
+bitwise identical whatever batch it lands in: CPU kernels (attention's key loop, the sums over T) then
+never run a partial vector tail, so the reference pass and training, which batch pairs differently,
+give identical values in both reference modes (tested).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from stages.common.records import Record, RecordReader, Reject, expand_inputs
 from stages.sft.chat import BadRecord, Message, render, to_messages
 
 IGNORE_INDEX = -100
+PAD_MULTIPLE = 32  # a multiple of every CPU vector width (16 float32 lanes with AVX-512)
 SIDES = ("chosen", "rejected")
 
 
@@ -226,12 +230,21 @@ class PairData:
         off, vals, mask = self._seqs[side]
         return vals[off[i]: off[i + 1]], mask[off[i]: off[i + 1]]
 
+    def length(self, side: str, i: int) -> int:
+        off = self._seqs[side][0]
+        return int(off[i + 1] - off[i])
+
+    def width(self, idx: list[int]) -> int:
+        """``T`` of a batch of pairs ``idx``: the longest sequence rounded up to ``PAD_MULTIPLE``."""
+        longest = max((self.length(side, i) for side in SIDES for i in idx), default=1)
+        return -(-max(longest, 1) // PAD_MULTIPLE) * PAD_MULTIPLE
+
     def batch(self, indices: np.ndarray | list[int]) -> dict[str, Any]:
-        """A (2B, max_len) batch: rows 0..B-1 chosen, B..2B-1 rejected (COMMON batch contract)."""
+        """A (2B, T) batch (``width``): rows 0..B-1 chosen, B..2B-1 rejected (COMMON batch contract)."""
         import torch
 
         idx = [int(i) for i in indices]
-        B, T = len(idx), self.max_len
+        B, T = len(idx), self.width(idx)
         ids = np.full((2 * B, T), self.pad_id, np.int64)
         labels = np.full((2 * B, T), IGNORE_INDEX, np.int64)
         for s, side in enumerate(SIDES):

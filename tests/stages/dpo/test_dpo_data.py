@@ -9,7 +9,7 @@ import pytest
 from conftest import make_records, write_jsonl
 from tokenizers import Tokenizer
 
-from stages.dpo.data import PairData, PairLoader, val_batches
+from stages.dpo.data import PAD_MULTIPLE, PairData, PairLoader, val_batches
 from stages.dpo.prepare import DataSpec, prepare
 from stages.sft.chat import ChatEncoder, to_messages
 
@@ -127,12 +127,17 @@ def test_batches_loader_resume_and_val_split(tmp_path, tok):
     _, data = _prepare(tmp_path, tok, make_records(22, seed=8), val=make_records(7, seed=9))
     train = data["train"]
     b = train.batch([3, 5])
-    assert b["input_ids"].shape == (4, 128) and b["labels"].shape == (4, 128)
+    # Padded to the batch's longest sequence rounded up to 32, not to max_len (128).
+    longest = max(len(train.sequence(s, i)[0]) for s in ("chosen", "rejected") for i in (3, 5))
+    T = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    assert longest <= T < longest + PAD_MULTIPLE and T < 128
+    assert b["input_ids"].shape == (4, T) and b["labels"].shape == (4, T)
+    assert b["position_ids"].shape == (4, T)
     for r, (side, i) in enumerate([("chosen", 3), ("chosen", 5), ("rejected", 3), ("rejected", 5)]):
         ids, scored = train.sequence(side, i)
         n = len(ids)
         assert b["input_ids"][r, :n].tolist() == ids.tolist() and (b["input_ids"][r, n:] == PAD).all()
-        want = [int(ids[t + 1]) if scored[t + 1] else -100 for t in range(n - 1)] + [-100] * (128 - n + 1)
+        want = [int(ids[t + 1]) if scored[t + 1] else -100 for t in range(n - 1)] + [-100] * (T - n + 1)
         assert b["labels"][r].tolist() == want
 
     loaders = [PairLoader(train, 3, rank=r, world_size=2, seed=4) for r in range(2)]
@@ -153,3 +158,38 @@ def test_batches_loader_resume_and_val_split(tmp_path, tok):
     assert [[len(x["pair_index"]) for x in p] for p in per_rank] == [[2, 1], [2, 1]]
     assert [i for p in per_rank for x in p for i in x["pair_index"].tolist()] == [0, 1, 2, 3, 4, 5]
     assert len(val_batches(val, 0, 2, 2, limit=1)) == 1
+
+
+def test_padding_follows_the_batch_and_log_probs_do_not_depend_on_it(tmp_path, tok, dpo_assets):
+    """Each row's summed log-prob is bitwise the same alone, in a short batch or in a long one (widths
+    differ): the reference pass and training batch pairs differently and must agree exactly."""
+    import torch
+
+    from stages.dpo.reference import pair_logps
+    from stages.lm.hf import import_hf
+
+    recs = make_records(16, seed=5)
+    recs[0]["chosen"] = " ".join([recs[0]["chosen"]] * 12)  # one long pair: a wide batch
+    _, data = _prepare(tmp_path, tok, recs, max_len=256, max_prompt_len=64)
+    train = data["train"]
+    lengths = [len(train.sequence(s, i)[0]) for i in range(len(train)) for s in ("chosen", "rejected")]
+    assert max(lengths) > 3 * np.mean(lengths)
+    model = import_hf(dpo_assets.model_dir).eval()
+
+    def logps(idx: list[int]) -> dict[tuple[str, int], float]:
+        batch = train.batch(idx)
+        with torch.no_grad():
+            lp = pair_logps(model, batch).tolist()
+        B = len(idx)
+        return {**{("chosen", i): lp[b] for b, i in enumerate(idx)},
+                **{("rejected", i): lp[B + b] for b, i in enumerate(idx)}}
+
+    widths = set()
+    alone: dict[tuple[str, int], float] = {}
+    for i in range(len(train)):
+        widths.add(train.width([i]))
+        alone.update(logps([i]))
+    for idx in ([0, 1, 2], [3, 4, 5, 6, 7], [8, 0], [9, 10, 11, 12, 13, 14, 15], [15, 1]):
+        widths.add(train.width(idx))
+        assert logps(idx) == {k: alone[k] for k in logps(idx)}
+    assert len(widths) >= 3 and max(widths) <= 256
