@@ -189,7 +189,7 @@ def test_decontamination_index_formats(tmp_path):
     pref = {"prompt": "short", "chosen": "a b", "rejected": "c"}
     (tmp_path / "pref.jsonl").write_text(json.dumps(pref) + "\n")
     index, info = build_index(Decontaminate(eval_files=[str(tmp_path / "*.jsonl")]))
-    assert info["mc.jsonl"]["items"] == 1 and info["mc.jsonl"]["ngrams"] == 16 - 13 + 1
+    assert info["mc.jsonl"]["items"] == 1 and info["mc.jsonl"]["ngrams"] == len(q.split()) - 13 + 1
     assert info["pref.jsonl"]["ngrams"] == 0  # every text shorter than min_words
     hit = index.match("Intro. " + q.upper() + "? The answer is re.")
     assert hit is not None and hit[1] == "mc.jsonl" and hit[2].startswith("which standard library")
