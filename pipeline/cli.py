@@ -145,46 +145,83 @@ def _newest_run(workdir: str) -> str:
 
 
 def _rows(run_dir: str) -> list[dict]:
-    from pipeline.preflight import read_run_json
+    """One row per stage instance, in pipeline order, with its live health (``pipeline.health``)."""
+    from pipeline.health import classify
     from pipeline.state import lease_alive, read_lease, read_progress, read_status, recorded_stage_dirs
 
-    data = read_run_json(run_dir, required=True)
-    rows = []
+    data = storage.read_json_or(storage.join(run_dir, "run.json"), None)
+    if data is None:
+        raise ConfigError("RUN_DIR", f"no run.json in {run_dir}")
+    rows, now = [], time.time()
     for name, sdir in recorded_stage_dirs(run_dir, data).items():
         dirname = sdir.rsplit("/", 1)[-1]
         st = read_status(sdir)
         state = st["state"]
         if state == "running" and not lease_alive(read_lease(sdir)):
             state = "interrupted"
-        start, end = st.get("started"), st.get("finished") or time.time()
-        rows.append({"stage": name, "state": state, "fingerprint": dirname.rsplit("-", 1)[1],
-                     "progress": read_progress(sdir) or st.get("progress", {}),
+        progress = read_progress(sdir) or st.get("progress", {})
+        start, end = st.get("started"), st.get("finished") or now
+        updated = progress.get("updated")
+        rows.append({"stage": name, "state": classify(state, progress, now),
+                     "fingerprint": dirname.rsplit("-", 1)[1], "progress": progress,
                      "elapsed_s": round(end - start, 1) if start else None,
+                     "updated_ago_s": round(now - updated, 1) if updated and state == "running" else None,
+                     "loss": progress.get("loss"), "tokens_per_s": progress.get("tokens_per_s"),
                      "mlflow_run_id": st.get("mlflow_run_id"), "error": st.get("error"),
                      "made_by": st.get("run_dir")})
     return rows
 
 
+STATE_STYLE = {"succeeded": "green", "failed": "bold red", "running": "cyan", "stalled": "bold yellow",
+               "diverging": "bold magenta", "interrupted": "yellow", "pending": "dim"}
+
+
+def _status_table(run_dir: str, rows: list[dict]):
+    from rich.table import Table
+
+    t = Table("stage", "state", "progress", "loss", "tokens/s", "updated", "elapsed", "error",
+              title=f"run {run_dir.rstrip('/').rsplit('/', 1)[-1]}  ({run_dir})", title_justify="left")
+    for r in rows:
+        state = r["state"]
+        label = state.upper() if state in ("stalled", "diverging") else state
+        t.add_row(r["stage"], f"[{STATE_STYLE.get(state, '')}]{label}[/]",
+                  _describe_progress(r["progress"] or {}),
+                  f"{r['loss']:.4g}" if isinstance(r["loss"], int | float) else "",
+                  f"{r['tokens_per_s']:,}" if r["tokens_per_s"] else "",
+                  f"{r['updated_ago_s']:.0f}s ago" if r["updated_ago_s"] is not None else "",
+                  f"{r['elapsed_s']}s" if r["elapsed_s"] else "", (r["error"] or "")[:80])
+    return t
+
+
 @app.command()
 def status(run_dir: str | None = typer.Argument(None, help="default: the newest run under ./runs"),
-           as_json: bool = typer.Option(False, "--json")) -> None:
-    """Show each stage's state, progress, elapsed time, fingerprint and MLflow run id."""
+           as_json: bool = typer.Option(False, "--json", help="the same rows as JSON"),
+           watch: bool = typer.Option(False, "--watch", "-w",
+                                      help="refresh in place every 2 s (Ctrl-C stops)")) -> None:
+    """Each stage in pipeline order: state (STALLED, DIVERGING beyond running), progress, loss, tokens/s,
+    when it last reported, elapsed time and the error of a failed stage."""
     try:
-        rows = _rows(run_dir or _newest_run("runs"))
+        run_dir = run_dir or _newest_run("runs")
+        rows = _rows(run_dir)
     except SeedlineError as e:
         _fail(e)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     from rich.console import Console
-    from rich.table import Table
 
-    t = Table("stage", "state", "progress", "elapsed", "fingerprint", "mlflow run")
-    for r in rows:
-        prog = _describe_progress(r["progress"] or {})
-        t.add_row(r["stage"], r["state"], prog, f"{r['elapsed_s']}s" if r["elapsed_s"] else "",
-                  r["fingerprint"], r["mlflow_run_id"] or "")
-    Console().print(t)
+    if not watch:
+        Console().print(_status_table(run_dir, rows))
+        return
+    from rich.live import Live
+
+    with Live(_status_table(run_dir, rows), refresh_per_second=1) as live:
+        try:
+            while True:
+                time.sleep(2)
+                live.update(_status_table(run_dir, _rows(run_dir)))
+        except KeyboardInterrupt:
+            pass
 
 
 def _result_fields(node, recorded: dict) -> dict:

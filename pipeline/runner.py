@@ -130,7 +130,7 @@ class Runner:
         if data.get("stages") != entries:
             storage.makedirs(self.state.run_dir)
             data.update(config=resolved(self.cfg), created=data.get("created") or time.time(),
-                        updated=time.time(), git_sha=git_sha(), stages=entries)
+                        updated=time.time(), git_sha=git_sha(), stages=entries, order=[n.name for n in nodes])
             data.setdefault("mlflow_parent_run_id", None)
             data.setdefault("tracking_uri", self.cfg.tracking_uri() if self.cfg.tracking.enabled else None)
             self.state.save(data)
@@ -155,6 +155,7 @@ class Runner:
             mlflow_parent_run_id=self.parent_run_id,
             tracking_uri=self.cfg.tracking_uri() if self.cfg.tracking.enabled else None,
             stages={n.name: self.state.entry(n.dirname) for n in nodes},
+            order=[n.name for n in nodes],  # pipeline order (JSON objects are written with sorted keys)
         )
         self.state.save(data)
 

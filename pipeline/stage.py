@@ -206,24 +206,40 @@ class Progress:
     """Progress of a stage: written to ``progress.json`` (atomic, throttled) from any process.
 
     The driver folds it into ``status.json`` and shows it as a progress bar. It is picklable, so a Ray
-    worker (e.g. training rank 0) can report progress too.
+    worker (e.g. training rank 0) can report progress too. Each update also feeds the stage's live health
+    (``pipeline.health``: pace, token rate, loss spikes) under ``rules``.
     """
 
-    def __init__(self, path: str | None, min_interval: float = 1.0):
+    def __init__(self, path: str | None, min_interval: float = 1.0, rules: Any = None):
+        from pipeline.health import HealthRules, Observer
+
         self.path = path
         self.min_interval = min_interval
         self._last = 0.0
         self.state: dict[str, Any] = {}
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.rules = rules or HealthRules()
+        self._observer = Observer(self.rules)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "min_interval": self.min_interval, "_last": 0.0, "state": {},
-                "listeners": []}
+        return {"path": self.path, "min_interval": self.min_interval, "rules": self.rules}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["min_interval"], state["rules"])
+
+    def set_rules(self, rules: Any) -> None:
+        """Use a stage's own health thresholds (``pipeline.health.HealthRules``)."""
+        from pipeline.health import Observer
+
+        self.rules = rules
+        self._observer = Observer(rules)
 
     def update(self, force: bool = False, **fields: Any) -> None:
-        """Set fields such as ``done``, ``total``, ``unit``, ``step``, ``eta_s``."""
+        """Set fields such as ``done``, ``total``, ``unit``, ``step``, ``eta_s``, ``tokens``, ``loss``."""
+        now = time.time()
         self.state.update(fields)
-        self.state["updated"] = time.time()
+        self.state["updated"] = now
+        self._observer.observe(self.state, fields, now)
         for cb in self.listeners:
             cb(self.state)
         now = time.monotonic()

@@ -164,7 +164,10 @@ def entry_dir(run_dir: str, entry: str) -> str:
 def recorded_stage_dirs(run_dir: str, run: dict[str, Any] | None = None) -> dict[str, str]:
     """``{instance: directory}`` recorded in the run's ``run.json``, in pipeline order."""
     run = run if run is not None else storage.read_json_or(storage.join(run_dir, "run.json"), {})
-    return {name: entry_dir(run_dir, e) for name, e in (run.get("stages") or {}).items()}
+    stages = run.get("stages") or {}
+    known = [n for n in run.get("order") or [] if n in stages]
+    order = known + sorted(set(stages) - set(known))
+    return {name: entry_dir(run_dir, stages[name]) for name in order}
 
 
 class RunState:
