@@ -65,14 +65,15 @@ def _run_with_a_frozen_stage(tmp_path: Path) -> Path:
     store = work / "store"
     now = time.time()
     dirs = {"a": "t_a-1111111111", "b": "t_b-2222222222"}
-    for name, d in dirs.items():
+    for d in dirs.values():
         (store / d).mkdir(parents=True)
     (store / dirs["a"] / "status.json").write_text(json.dumps(
         {"state": "succeeded", "started": now - 300, "finished": now - 200}))
     (store / dirs["b"] / "status.json").write_text(json.dumps({"state": "running", "started": now - 190}))
     (store / dirs["b"] / "lease.json").write_text(json.dumps({"owner": "x", "heartbeat": now}))
     (store / dirs["b"] / "progress.json").write_text(json.dumps({
-        "step": 28, "total": 60, "loss": 3.21, "tokens_per_s": 5000, "updated": now - 120, "advanced": now - 120,
+        "step": 28, "total": 60, "loss": 3.21, "tokens_per_s": 5000,
+        "updated": now - 120, "advanced": now - 120,
         "median_step_s": 2.0, "health_rules": HealthRules(stall_factor=10, stall_min_s=30).as_dict()}))
     run.mkdir(parents=True)
     (run / "run.json").write_text(json.dumps({"stages": {k: f"store/{v}" for k, v in dirs.items()},
@@ -87,6 +88,6 @@ def test_status_shows_stalled_in_pipeline_order_with_a_header(tmp_path):
     rows = json.loads(out.stdout)
     assert [r["stage"] for r in rows] == ["a", "b"]
     assert rows[1]["state"] == "stalled" and rows[1]["updated_ago_s"] >= 119 and rows[1]["loss"] == 3.21
-    table = subprocess.run([sys.executable, "-m", "pipeline", "status", str(run)], cwd=REPO,
-                           capture_output=True, text=True, check=True, env={"COLUMNS": "160", "PATH": ""}).stdout
+    table = subprocess.run([sys.executable, "-m", "pipeline", "status", str(run)], cwd=REPO, text=True,
+                           capture_output=True, check=True, env={"COLUMNS": "160", "PATH": ""}).stdout
     assert table.splitlines()[0].startswith("run r") and "STALLED" in table and "ago" in table
