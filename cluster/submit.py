@@ -1,6 +1,7 @@
 """Submit a pipeline run to a Ray cluster as a job, and resubmit (resume) a run.
 
-The job runs ``seedline run .seedline-job/<name>.yaml`` in a working directory holding the project's
+The job runs ``seedline run .seedline-job/<name>.yaml`` (through ``cluster.job_entry``, which gives the
+driver a private copy of the working directory) in a working directory holding the project's
 source and the effective config (overrides applied, ``workdir`` made absolute, ``ray.address`` cleared
 so the stages attach to the job's own cluster). Every job is recorded with its run in
 ``<run_dir>/jobs.json``, and its config in ``<run_dir>/jobs/<job_id>.yaml``, which is what ``resume``
@@ -188,7 +189,8 @@ def _submit(address: str, token: auth.Token | None, cfg: PipelineConfig, data: d
     job_id = new_job_id(cfg.name)
     config_rel = f"{package.JOB_DIR}/{cfg.name}.yaml"
     config_text = yaml.safe_dump(data, sort_keys=False)
-    entrypoint = f"seedline run {shlex.quote(config_rel)}"
+    # The driver runs from its own copy of the working directory (see cluster/job_entry.py for why).
+    entrypoint = f"python -m cluster.job_entry seedline run {shlex.quote(config_rel)}"
     sha = _git_sha(root)
     if sha:
         env_vars["SEEDLINE_GIT_SHA"] = sha

@@ -67,7 +67,8 @@ def test_submitted_data_stages_succeed_and_their_logs_can_be_read(ray_head, loca
     # The job is recorded with the run, with its config, and listed by `seedline jobs`.
     [entry] = json.loads((run_dir / "jobs.json").read_text())
     assert entry["job_id"] == job and entry["address"] == ray_head.address
-    assert entry["entrypoint"] == "seedline run .seedline-job/demo.yaml" and entry["submitted"] > 0
+    assert entry["entrypoint"] == "python -m cluster.job_entry seedline run .seedline-job/demo.yaml"
+    assert entry["submitted"] > 0
     listed = ray_head.seedline("jobs", "--address", ray_head.address)
     assert listed.returncode == 0
     [line] = [ln for ln in listed.stdout.splitlines() if ln.startswith(job)]
