@@ -1,4 +1,5 @@
-"""LSH band keys, and the bucket shuffle on Ray Data that turns them into verified edges.
+"""LSH band keys, and the bucket shuffle (on Ray Data, or in process when its rows fit in memory) that
+turns them into verified edges.
 
 Each document contributes one row per band (``band``, ``key`` = hash of the band's ``rows`` signature
 values) and, for exact dedupe, one row in a pseudo-band ``bands`` whose key is the 128-bit hash of its
@@ -108,6 +109,33 @@ def reduce_buckets(batch: dict[str, np.ndarray], out: str, exact_band: int,
             "dst": np.concatenate([ex_dst, pairs[:, 1]]).astype(np.int64), "flag": flag}
 
 
+def shuffle_edges_local(band_files: list[str], out: str, exact_band: int, verifier_args: dict[str, Any],
+                        num_partitions: int) -> dict[str, np.ndarray]:
+    """The bucket shuffle in this process: the same edges as ``shuffle_edges`` (a bucket lands whole in
+    one group either way, and the result is deduplicated and sorted), without Ray Data's fixed cost.
+
+    For shuffles whose rows fit in memory: 26 bytes per row (one per band and document, plus one for
+    exact dedupe). Groups are processed one after another so the verifier's reads stay bounded.
+    """
+    from stages.dedupe.tables import read_parquet
+
+    cols: dict[str, list[np.ndarray]] = {"band": [], "key": [], "key2": [], "uid": []}
+    for path in band_files:
+        t = read_parquet(path)
+        for k in cols:
+            cols[k].append(t[k].to_numpy())
+    rows = {k: np.concatenate(v) if v else np.empty(0) for k, v in cols.items()}
+    part = _partition_of(rows["key"], rows["band"], num_partitions)
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(num_partitions + 1))
+    edges = []
+    for g in range(num_partitions):
+        sel = order[bounds[g]: bounds[g + 1]]
+        if len(sel):
+            edges.append(reduce_buckets({k: v[sel] for k, v in rows.items()}, out, exact_band, verifier_args))
+    return _merge_edges(edges)
+
+
 def shuffle_edges(band_files: list[str], out: str, exact_band: int, verifier_args: dict[str, Any],
                   num_partitions: int) -> dict[str, np.ndarray]:
     """Run the bucket shuffle on Ray Data; returns all emitted edges (sorted, so deterministic)."""
@@ -142,9 +170,14 @@ def _bucket_dataset(band_files: list[str], out: str, exact_band: int, verifier_a
 
 
 def _collect(ds: Any) -> dict[str, np.ndarray]:
+    """All edges of the Ray Data result (``_merge_edges``)."""
+    return _merge_edges(list(ds.iter_batches(batch_format="numpy", batch_size=None)))
+
+
+def _merge_edges(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """All edges, unique by (src, dst) with the strongest flag, sorted (so the result is deterministic)."""
     cols: dict[str, list[np.ndarray]] = {"src": [], "dst": [], "flag": []}
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+    for batch in batches:
         for k in cols:
             cols[k].append(np.asarray(batch[k]))
     res = {k: (np.concatenate(v) if v else np.empty(0, np.int8 if k == "flag" else np.int64))

@@ -51,6 +51,12 @@ class DedupeConfig(StrictModel):
         "auto", description="connected components on Ray, in process, or in process when edges fit"
     )
     local_max_edges: int = volatile(20_000_000, ge=0, description="edges up to which 'auto' stays in process")
+    shuffle: Literal["auto", "ray", "local"] = volatile(
+        "auto", description="bucket shuffle on Ray Data, in process, or in process when its rows fit "
+                            "local_shuffle_max_rows (same output either way)")
+    local_shuffle_max_rows: int = volatile(
+        30_000_000, ge=0, description="shuffle rows (documents x (bands + 1), 26 bytes each) up to which "
+                                      "'auto' shuffles in process")
 
     @model_validator(mode="after")
     def _check(self) -> DedupeConfig:
@@ -63,6 +69,10 @@ class DedupeConfig(StrictModel):
         if isinstance(self.input, list) and not self.input:
             raise ValueError("input must name at least one glob")
         return self
+
+    def shuffle_in_process(self, rows: int) -> bool:
+        """Whether a bucket shuffle of ``rows`` rows runs in process (``shuffle``)."""
+        return self.shuffle == "local" or (self.shuffle == "auto" and rows <= self.local_shuffle_max_rows)
 
     def verifier_args(self) -> dict:
         """Keyword arguments of ``sigstore.Verifier`` (besides the stage directory)."""

@@ -25,7 +25,7 @@ from pipeline import storage
 from pipeline.stage import StageContext
 from stages.common.records import InputFile, expand_inputs
 from stages.common.tasks import run_keyed_tasks
-from stages.dedupe.buckets import FLAG_EXACT, FLAG_NEAR, shuffle_edges
+from stages.dedupe.buckets import FLAG_EXACT, FLAG_NEAR, shuffle_edges, shuffle_edges_local
 from stages.dedupe.clusters import removal_table, resolve
 from stages.dedupe.components import connected_components
 from stages.dedupe.config import DedupeConfig
@@ -66,7 +66,10 @@ def _clusters(config: DedupeConfig, lay: Layout, num_partitions: int, ctx: Stage
     t0 = time.perf_counter()
     plan = storage.read_json(lay.plan)
     band_files = [lay.bands(i) for i in range(len(plan["inputs"]))]
-    if docs_good:
+    rows_total = docs_good * (bands * config.near + config.exact)
+    if docs_good and config.shuffle_in_process(rows_total):
+        edges = shuffle_edges_local(band_files, lay.out, bands, config.verifier_args(), num_partitions)
+    elif docs_good:
         edges = shuffle_edges(band_files, lay.out, bands, config.verifier_args(), num_partitions)
     else:
         edges = {"src": np.empty(0, np.int64), "dst": np.empty(0, np.int64), "flag": np.empty(0, np.int8)}
