@@ -1,19 +1,25 @@
-"""Benchmark: Seedline's dedupe stage against the plain datasketch recipe, on the same corpus.
+"""Benchmark: Seedline's dedupe stage against datasketch and datatrove, on the same real-text corpus.
 
-    .venv/bin/python bench/dedupe.py [--docs 100000] [--files 16] [--workdir DIR]
+    .venv/bin/python bench/dedupe.py [--mb 300] [--peers datasketch,datatrove] [--scale 1200]
 
-One corpus of ~2 KB documents (Zipfian vocabulary) with planted duplicates: a share of the originals
-gets one copy mutated to a random Jaccard level in [0.5, 1] (some exact). Both systems run in this
-process on the same files and cores:
+The corpus is ``bench/corpora.py``'s: Python sources of the installed packages and the standard library,
+then the standard library's pydoc pages, with planted near-duplicates whose true 5-gram Jaccard is
+known (built once, cached under /tmp/seedline-bench-cache). In this process, on the same cores, one
+after another:
 
-(a) the datasketch recipe: parse each JSON line, word 5-gram shingles, ``MinHash.update_batch``, then
-    ``MinHashLSH`` query + insert (datasketch's own band optimiser; one Python process);
-(b) Seedline's dedupe stage end to end (read, quarantine, sign, Ray Data bucket shuffle, components,
-    write Parquet), through its ``run(config, ctx)`` on a local Ray.
+(a) Seedline's dedupe stage end to end through ``run(config, ctx)`` on a local Ray started first (its
+    start-up printed, not counted; a warm-up run on a small corpus first, also printed): read,
+    quarantine, sign, bucket shuffle, components, filter, write Parquet. 5-gram shingles, LSH 16 bands
+    x 8 rows (as datatrove below), default verification (hybrid).
+(b) the datasketch recipe: parse each JSON line, word 5-gram shingles, ``MinHash.update_batch``, then
+    ``MinHashLSH`` query + insert (its own band optimiser at threshold 0.8; one Python process).
+(c) datatrove's 4-step MinHash pipeline (signatures, buckets, cluster, filter; 5-grams, 16 buckets x 8
+    hashes) on ``LocalPipelineExecutor`` with 2 workers, reading the same JSONL and writing the kept
+    documents.
 
-It prints docs/s and MB/s of each and the ratio, then pair-level precision, recall and F1 against
-exact shingle Jaccard at the threshold (pairs predicted = pairs of documents in one cluster), for each
-of Seedline's verification modes (``hybrid``, the default; ``estimate``; ``exact``).
+Printed per system: seconds, docs/s, MB/s, and precision/recall/F1 at J >= 0.8 on the planted pairs (a
+pair is found when both documents end in one duplicate cluster); then the ratios. ``--scale MB`` also
+runs Seedline on a second corpus size and prints both sizes' seconds and driver peak RSS.
 """
 
 from __future__ import annotations
@@ -21,150 +27,225 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
+import os
+import shutil
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
+if __name__ == "__main__" and __package__ is None:  # run as a script: the repository root on sys.path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from pipeline.stage import Progress, StageContext
-from pipeline.tracking import NullTracker
-from stages.dedupe.config import DedupeConfig
-from stages.dedupe.minhash import shingles
-from stages.dedupe.run import run as run_dedupe
+from bench.corpora import Corpus, real_corpus  # noqa: E402
 
 NGRAM = 5
 THRESHOLD = 0.8
+BANDS, ROWS = 16, 8
 
 
-def make_corpus(root: Path, n_docs: int, n_files: int, seed: int = 0) -> list[tuple[int, int]]:
-    """Write ``n_files`` JSONL files; return planted (original, copy) pairs as global doc indices."""
-    rng = random.Random(seed)
-    nprng = np.random.default_rng(seed)
-    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 10)))
-             for _ in range(50_000)]
-    weights = 1.0 / np.arange(1, len(vocab) + 1) ** 0.9
-    weights /= weights.sum()
-    n_orig = int(n_docs * 0.8)
-    ids = nprng.choice(len(vocab), size=(n_orig, 330), p=weights)
-    docs = [" ".join(vocab[i] for i in row) for row in ids]
-    pairs = []
-    for k in range(n_docs - n_orig):
-        src = k * (n_orig // (n_docs - n_orig))
-        target = rng.uniform(0.5, 1.0)
-        words = docs[src].split()
-        n_sh = len(words) - NGRAM + 1
-        m = int(round(n_sh * (1 - target) / (NGRAM * (1 + target))))
-        for pos in rng.sample(range(len(words)), m):
-            words[pos] = rng.choice(vocab)
-        docs.append(" ".join(words))
-        pairs.append((src, len(docs) - 1))
-    order = list(range(len(docs)))
-    rng.shuffle(order)  # copies land anywhere, also before their original
-    where = {d: i for i, d in enumerate(order)}
-    per_file = (len(order) + n_files - 1) // n_files
-    root.mkdir(parents=True, exist_ok=True)
-    for f in range(n_files):
-        with open(root / f"part-{f:03d}.jsonl", "w") as fh:
-            for d in order[f * per_file : (f + 1) * per_file]:
-                fh.write(json.dumps({"text": docs[d], "source": "bench"}) + "\n")
-    return [(where[a], where[b]) for a, b in pairs]
+class PeakRSS:
+    """The process's peak resident memory while the block runs (sampled every 20 ms), in MB."""
+
+    def __enter__(self) -> PeakRSS:
+        import psutil
+
+        self._proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(0.02)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def mb(self) -> float:
+        return self.peak / 1e6
 
 
-def read_corpus(root: Path) -> list[str]:
-    texts = []
-    for p in sorted(root.glob("*.jsonl")):
-        with open(p) as fh:
-            texts.extend(json.loads(line)["text"] for line in fh)
-    return texts
+def quality(same_cluster, planted: list[tuple[str, str, float]]) -> tuple[float, float, float]:
+    """Precision, recall, F1 at J >= THRESHOLD over the planted pairs; ``same_cluster(a, b)`` says whether
+    a system put both documents in one duplicate cluster."""
+    tp = fp = fn = 0
+    for a, b, j in planted:
+        found, true = same_cluster(a, b), j >= THRESHOLD
+        tp += found and true
+        fp += found and not true
+        fn += true and not found
+    p = tp / (tp + fp) if tp + fp else 1.0
+    r = tp / (tp + fn) if tp + fn else 1.0
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
 
 
-def datasketch_recipe(root: Path) -> tuple[float, set[tuple[int, int]]]:
-    """The plain recipe, timed from reading the files to the last LSH query; returns (seconds, pairs)."""
+# --- Seedline ---------------------------------------------------------------------------------------
+
+
+def _ctx(out: Path):
+    import dataclasses
+
+    from pipeline.stage import Progress, StageContext
+    from pipeline.tracking import NullTracker
+
+    fields = {f.name for f in dataclasses.fields(StageContext)}
+    links = {"inputs": {}} if "inputs" in fields else {"upstream": {}}
+    return StageContext(name="dedupe", out_dir=str(out), run_dir=str(out.parent), fingerprint="bench",
+                        tracker=NullTracker(), progress=Progress(None), logger=logging.getLogger("bench"),
+                        **links)
+
+
+def seedline(corpus: Corpus, out: Path) -> tuple[float, float, dict]:
+    """(seconds, driver peak RSS MB, stats)."""
+    from stages.dedupe.config import DedupeConfig
+    from stages.dedupe.run import run
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = DedupeConfig(input=corpus.glob, id_field="id", bands=BANDS, rows=ROWS)
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        stats = run(cfg, _ctx(out))
+        dt = time.perf_counter() - t0
+    return dt, mem.mb, stats
+
+
+def seedline_clusters(out: Path):
+    import pyarrow.parquet as pq
+
+    kept = {d["id"]: d["kept_id"] for d in pq.read_table(out / "duplicates.parquet").to_pylist()}
+    return lambda a, b: kept.get(a, a) == kept.get(b, b)
+
+
+# --- datasketch -------------------------------------------------------------------------------------
+
+
+def datasketch_recipe(corpus: Corpus):
+    """The plain recipe, timed from reading the files to the last LSH query; (seconds, same_cluster)."""
     from datasketch import MinHash, MinHashLSH
 
     t0 = time.perf_counter()
     lsh = MinHashLSH(threshold=THRESHOLD, num_perm=128)
-    pairs: set[tuple[int, int]] = set()
-    i = 0
-    for p in sorted(root.glob("*.jsonl")):
-        with open(p) as fh:
+    links: list[tuple[str, str]] = []
+    for p in corpus.files:
+        with open(p, encoding="utf-8") as fh:
             for line in fh:
-                words = json.loads(line)["text"].lower().split()
+                rec = json.loads(line)
+                words = rec["text"].lower().split()
                 m = MinHash(num_perm=128)
-                m.update_batch({" ".join(words[j : j + NGRAM]).encode()
-                                for j in range(len(words) - NGRAM + 1)})
-                for other in lsh.query(m):
-                    pairs.add((other, i))
-                lsh.insert(i, m)
-                i += 1
-    return time.perf_counter() - t0, pairs
+                m.update_batch({" ".join(words[j: j + NGRAM]).encode()
+                                for j in range(max(1, len(words) - NGRAM + 1))})
+                links += [(rec["id"], other) for other in lsh.query(m)]
+                lsh.insert(rec["id"], m)
+    dt = time.perf_counter() - t0
+    return dt, _union_find(links)
 
 
-def ctx_for(out: Path) -> StageContext:
-    return StageContext(name="dedupe", out_dir=str(out), run_dir=str(out.parent), fingerprint="bench",
-                        upstream={}, tracker=NullTracker(), progress=Progress(None),
-                        logger=logging.getLogger("bench"))
+def _union_find(links: list[tuple[str, str]]):
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.get(x, x) != x:
+            parent[x] = parent.get(parent[x], parent[x])
+            x = parent[x]
+        return x
+
+    for a, b in links:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[ra] = rb
+    return lambda a, b: find(a) == find(b)
 
 
-def seedline_pairs(out: Path, n_docs: int) -> set[tuple[int, int]]:
-    """Pairs of documents (global indices) that share a kept document."""
-    dups = pq.read_table(out / "duplicates.parquet").to_pylist()
-
-    def index(doc_id: str) -> int:  # ids are "part-NNN.jsonl:<line>"; files hold equal shares
-        name, line = doc_id.rsplit(":", 1)
-        return int(name[5:8]) * per_file + int(line) - 1
-
-    per_file = _per_file[0]
-    groups: dict[int, list[int]] = {}
-    for d in dups:
-        groups.setdefault(index(d["kept_id"]), []).append(index(d["id"]))
-    pairs = set()
-    for kept, members in groups.items():
-        allm = sorted([kept, *members])
-        pairs.update((a, b) for x, a in enumerate(allm) for b in allm[x + 1 :])
-    return pairs
+# --- datatrove --------------------------------------------------------------------------------------
 
 
-_per_file = [0]
+def datatrove_pipeline(corpus: Corpus, work: Path, workers: int = 2):
+    """datatrove's 4-step MinHash deduplication; (seconds, same_cluster)."""
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup import (
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    shutil.rmtree(work, ignore_errors=True)
+    cfg = MinhashConfig(n_grams=NGRAM, num_buckets=BANDS, hashes_per_bucket=ROWS)
+    tasks = len(corpus.files)
+
+    def reader():
+        return JsonlReader(str(corpus.root), glob_pattern="part-*.jsonl")
+
+    s1 = LocalPipelineExecutor(pipeline=[reader(), MinhashDedupSignature(str(work / "sigs"), config=cfg)],
+                               tasks=tasks, workers=workers, logging_dir=str(work / "logs/1"))
+    s2 = LocalPipelineExecutor(pipeline=[MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"),
+                                                             config=cfg)],
+                               tasks=BANDS, workers=workers, logging_dir=str(work / "logs/2"), depends=s1)
+    s3 = LocalPipelineExecutor(pipeline=[MinhashDedupCluster(str(work / "buckets"), str(work / "remove"),
+                                                             config=cfg, save_cluster_id=True)],
+                               tasks=1, logging_dir=str(work / "logs/3"), depends=s2)
+    s4 = LocalPipelineExecutor(pipeline=[reader(), MinhashDedupFilter(
+        str(work / "remove"), exclusion_writer=JsonlWriter(str(work / "removed")), load_cluster_ids=True),
+        JsonlWriter(str(work / "kept"))], tasks=tasks, workers=workers, logging_dir=str(work / "logs/4"),
+        depends=s3)
+    t0 = time.perf_counter()
+    s4.run()
+    dt = time.perf_counter() - t0
+    return dt, _datatrove_clusters(work)
 
 
-def jaccard(a: str, b: str) -> float:
-    sa, sb = set(shingles(a, NGRAM)), set(shingles(b, NGRAM))
-    return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
+def _datatrove_clusters(work: Path):
+    import gzip
+
+    cluster: dict[str, int] = {}
+    for sub in ("kept", "removed"):
+        for p in sorted((work / sub).glob("*.jsonl.gz")):
+            with gzip.open(p, "rt", encoding="utf-8") as fh:
+                for line in fh:
+                    rec = json.loads(line)
+                    c = rec.get("metadata", {}).get("minhash_cluster_id", -1)
+                    if c != -1:
+                        cluster[rec["id"]] = c
+    return lambda a, b: a in cluster and cluster.get(a) == cluster.get(b)
 
 
-def quality(pred: set[tuple[int, int]], planted: list[tuple[int, int]],
-            texts: list[str]) -> tuple[float, ...]:
-    truth = {tuple(sorted(p)) for p in planted if jaccard(texts[p[0]], texts[p[1]]) >= THRESHOLD}
-    pred = {tuple(sorted(p)) for p in pred}
-    extra = {p for p in pred - truth if jaccard(texts[p[0]], texts[p[1]]) >= THRESHOLD}
-    truth |= extra
-    tp = len(pred & truth)
-    precision = tp / len(pred) if pred else 1.0
-    recall = tp / len(truth) if truth else 1.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return precision, recall, f1, len(truth)
+# --- main -------------------------------------------------------------------------------------------
+
+
+def _line(name: str, dt: float, corpus: Corpus, q: tuple[float, float, float], extra: str = "") -> str:
+    p, r, f = q
+    return (f"{name}: {dt:.1f} s  {corpus.docs / dt:,.0f} docs/s  {corpus.mb / dt:.1f} MB/s  "
+            f"precision {p:.3f} recall {r:.3f} F1 {f:.3f}{extra}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--docs", type=int, default=100_000)
-    ap.add_argument("--files", type=int, default=16)
+    ap.add_argument("--mb", type=float, default=300.0, help="corpus size (MB of text)")
+    ap.add_argument("--peers", default="datasketch,datatrove", help="comma list, or '' for Seedline only")
+    ap.add_argument("--scale", type=float, default=None, help="also run Seedline on a corpus of this size")
+    ap.add_argument("--workers", type=int, default=2, help="datatrove workers")
+    ap.add_argument("--cache", default=None, help="corpus cache directory")
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--skip-baseline", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="seedline-bench-dedupe-"))
-    corpus = work / "corpus"
-    planted = make_corpus(corpus, args.docs, args.files)
-    _per_file[0] = (args.docs + args.files - 1) // args.files
-    texts = read_corpus(corpus)
-    mb = sum(p.stat().st_size for p in corpus.glob("*.jsonl")) / 1e6
-    print(f"corpus: {len(texts)} docs, {mb:.1f} MB JSONL in {args.files} files, "
-          f"{len(planted)} planted copies, mean {mb * 1e6 / len(texts):.0f} B/doc")
+    corpus = real_corpus(args.mb, args.cache)
+    n_true = sum(j >= THRESHOLD for _, _, j in corpus.planted)
+    print(f"corpus: {corpus.docs} docs, {corpus.mb:.1f} MB JSONL in {len(corpus.files)} files (real Python "
+          f"sources + stdlib pydoc), {len(corpus.planted)} planted copies ({n_true} at J>={THRESHOLD}), "
+          f"{os.cpu_count()} CPUs", flush=True)
 
     import ray
 
@@ -173,40 +254,43 @@ def main() -> None:
     t0 = time.perf_counter()
     init_ray(None)
     cpus = int(ray.cluster_resources()["CPU"])
-    print(f"ray start: {time.perf_counter() - t0:.1f}s ({cpus} CPUs; not counted below)")
-    # Warm-up on a separate 20k-document corpus: starts the Ray workers, loads the compiled kernels and
-    # lets their allocators grow, as on a long-lived cluster. Cold first-run costs are printed, not hidden.
-    warm = work / "warm"
-    make_corpus(warm, 20_000, 4, seed=1)
+    print(f"ray start: {time.perf_counter() - t0:.1f} s ({cpus} CPUs; not counted below)", flush=True)
+    warm = real_corpus(2, args.cache)
     t0 = time.perf_counter()
-    run_dedupe(DedupeConfig(input=str(warm / "*.jsonl")), ctx_for(work / "warm-out"))
-    print(f"warm-up (cold workers, 20,000 other docs): {time.perf_counter() - t0:.1f}s")
+    seedline(warm, work / "warm")
+    print(f"warm-up (2 MB corpus: workers started, kernels loaded): {time.perf_counter() - t0:.1f} s",
+          flush=True)
 
-    results = {}
-    for verify in ("hybrid", "estimate", "exact"):  # hybrid is the default
-        out = work / f"out-{verify}"
-        t0 = time.perf_counter()
-        stats = run_dedupe(DedupeConfig(input=str(corpus / "*.jsonl"), verify=verify), ctx_for(out))
-        dt = time.perf_counter() - t0
-        results[verify] = (dt, quality(seedline_pairs(out, len(texts)), planted, texts))
-        print(f"seedline dedupe (verify={verify}): {dt:.1f}s  {len(texts) / dt:,.0f} docs/s  "
-              f"{mb / dt:.1f} MB/s "
-              f"({stats['exact_duplicates']} exact + {stats['near_duplicates']} near removed, "
-              f"LSH {stats['lsh_bands']}x{stats['lsh_rows']})")
-    if not args.skip_baseline:
-        dt_b, base_pairs = datasketch_recipe(corpus)
-        print(f"datasketch recipe: {dt_b:.1f}s  {len(texts) / dt_b:,.0f} docs/s  {mb / dt_b:.1f} MB/s "
-              f"(1 process)")
-        for verify, (dt_s, _) in results.items():
-            default = " (default)" if verify == "hybrid" else ""
-            print(f"ratio seedline verify={verify}{default} / datasketch throughput: {dt_b / dt_s:.1f}x "
-                  f"(per core: {dt_b / (dt_s * cpus):.1f}x)")
-        p, r, f, n_truth = quality(base_pairs, planted, texts)
-        print(f"quality datasketch recipe (LSH candidates, no verification): precision {p:.3f} "
-              f"recall {r:.3f} F1 {f:.3f}")
-    for verify, (_, (p, r, f, n_truth)) in results.items():
-        print(f"quality seedline verify={verify}: precision {p:.3f} recall {r:.3f} F1 {f:.3f} "
-              f"({n_truth} true pairs at J>={THRESHOLD})")
+    dt_s, rss_s, stats = seedline(corpus, work / "seedline")
+    q_s = quality(seedline_clusters(work / "seedline"), corpus.planted)
+    print(_line("seedline dedupe", dt_s, corpus, q_s,
+                f"  ({stats['exact_duplicates']} exact + {stats['near_duplicates']} near removed, "
+                f"LSH {stats['lsh_bands']}x{stats['lsh_rows']}, {cpus} cores, "
+                f"driver peak RSS {rss_s:.0f} MB)"),
+          flush=True)
+    peers = [p for p in args.peers.split(",") if p]
+    if "datatrove" in peers:
+        dt_t, same = datatrove_pipeline(corpus, work / "datatrove", args.workers)
+        print(_line("datatrove minhash (4 steps)", dt_t, corpus, quality(same, corpus.planted),
+                    f"  ({args.workers} workers)"), flush=True)
+        per_core = dt_t * args.workers / (dt_s * cpus)
+        print(f"ratio seedline / datatrove: {dt_t / dt_s:.2f}x wall, {per_core:.2f}x per core "
+              "(target >= 5x per core; >= 1x on a 38 MB corpus)", flush=True)
+    if "datasketch" in peers:
+        dt_b, same = datasketch_recipe(corpus)
+        print(_line("datasketch recipe", dt_b, corpus, quality(same, corpus.planted), "  (1 process)"),
+              flush=True)
+        print(f"ratio seedline / datasketch: {dt_b / dt_s:.2f}x end to end (target >= 10x on 300 MB)",
+              flush=True)
+    if args.scale:
+        big = real_corpus(args.scale, args.cache)
+        dt_l, rss_l, _ = seedline(big, work / "seedline-scale")
+        print(f"scale: {corpus.mb:.0f} MB {dt_s:.1f} s peak RSS {rss_s:.0f} MB; {big.mb:.0f} MB {dt_l:.1f} s "
+              f"peak RSS {rss_l:.0f} MB; time x{dt_l / dt_s:.2f} for data x{big.mb / corpus.mb:.2f}, "
+              f"RSS x{rss_l / rss_s:.2f}", flush=True)
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    ray.shutdown()
 
 
 if __name__ == "__main__":
