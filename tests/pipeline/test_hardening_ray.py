@@ -87,7 +87,7 @@ def test_local_ray_listens_on_loopback_only(tmp_path):
     res = subprocess.run([sys.executable, "-m", "pipeline", "run", str(cfg)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    found = json.loads(next((tmp_path / "w" / "probe").glob("probe-*/listening.json")).read_text())
+    found = json.loads(next((tmp_path / "w").rglob("listening.json")).read_text())
     procs = " ".join(s["proc"] for s in found)
     # The probe saw the whole node, not just the driver.
     for part in ("gcs_server", "raylet", "dashboard", "ray::"):
