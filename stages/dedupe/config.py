@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from pipeline.preflight import GLOBS
 from pipeline.stage import StrictModel, volatile
 
 
@@ -16,7 +17,8 @@ class DedupeConfig(StrictModel):
     Results depend only on the non-volatile fields; parallelism and batch sizes never change output.
     """
 
-    input: str | list[str] = Field(description="glob(s) of JSONL, JSONL.gz, JSONL.zst or Parquet files")
+    input: str | list[str] = Field(description="glob(s) of JSONL, JSONL.gz, JSONL.zst or Parquet files",
+                                   json_schema_extra=GLOBS)
     text_field: str = "text"
     id_field: str | None = Field(None, description="input field holding document ids; else the records' own "
                                                    "`id` field where they have one, else file:line")
