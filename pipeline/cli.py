@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -332,6 +334,17 @@ def gc(workdir: str = typer.Argument("runs", help="the workdir whose store to cl
                + (" (dry run)" if dry_run else ""))
 
 
+def ui_url(uri: str, run: dict, port: int) -> str:
+    """The URL of the run's experiment in the classic runs table (not the GenAI traces page)."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = run.get("config") or {}
+    name = (cfg.get("tracking") or {}).get("experiment") or cfg.get("name")
+    exp = MlflowClient(uri).get_experiment_by_name(name) if name else None
+    base = f"http://127.0.0.1:{port}/"
+    return f"{base}#/experiments/{exp.experiment_id}/runs?compareRunsMode=TABLE" if exp else base
+
+
 @app.command()
 def ui(run_dir: str, port: int = 5000) -> None:
     """Start the MLflow UI on 127.0.0.1 for this run's tracking store."""
@@ -346,8 +359,26 @@ def ui(run_dir: str, port: int = 5000) -> None:
     uri = data.get("tracking_uri")
     if not uri:
         _fail(ConfigError("RUN_DIR", f"no tracking store recorded in {run_dir}/run.json"))
-    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                    "--host", "127.0.0.1", "--port", str(port)], check=False)
+    import signal
+
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+                               "--host", "127.0.0.1", "--port", str(port)], start_new_session=True)
+
+    def stop(*_: object) -> None:  # the server and its workers go with us, on Ctrl-C or a SIGTERM
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        raise typer.Exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    typer.echo(f"MLflow: {ui_url(uri, data, port)}  (Ctrl-C stops the server)", err=True)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        stop()
 
 
 @app.command()
