@@ -273,7 +273,8 @@ def _explain(n, state, old_entry: str | None) -> str:
         prev = flatten(_result_fields(n, old_config))
         cur = flatten(result_fields(n.config))
         changed = sorted(k for k in set(prev) | set(cur) if prev.get(k) != cur.get(k))
-        why = "changed: " + (", ".join(f"stages.{n.name}.{k}" for k in changed) or "an upstream stage")
+        why = ("changed: " + ", ".join(f"stages.{n.name}.{k}" for k in changed) if changed
+               else "an upstream stage changed")
         why += f" (was {old_entry.rsplit('/', 1)[-1]})"
     return f"{n.name:10s} {action:7s} {n.dirname}" + (f"  {why}" if why else "")
 
