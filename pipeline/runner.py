@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import storage
+from pipeline import mlflow_run, storage
 from pipeline.config import PipelineConfig, resolved
 from pipeline.errors import ConfigError, StageFailed, failure_details, failure_line
 from pipeline.graph import Node, downstream, lineage, order
@@ -104,6 +104,7 @@ class Runner:
             status = "FINISHED"
         finally:
             if self.tracking and self.parent_run_id:
+                mlflow_run.close_parent(self.tracking, self.parent_run_id, self.state.run_dir)
                 self.tracking.finish(self.parent_run_id, status)
         return result
 
@@ -147,7 +148,12 @@ class Runner:
             tags = {"seedline.run_dir": self.state.run_dir, "seedline.git_sha": git_sha() or "unknown",
                     **self.tags}
             self.parent_run_id = self.tracking.parent(data.get("mlflow_parent_run_id"), self.cfg.name, tags)
+        attempt = int(data.get("attempts", 0)) + 1
+        if self.parent_run_id:
+            mlflow_run.open_parent(self.tracking, self.parent_run_id, self.cfg.name, attempt,
+                                   resolved(self.cfg))
         data.update(
+            attempts=attempt,
             config=resolved(self.cfg),
             created=data.get("created") or time.time(),
             updated=time.time(),
@@ -220,6 +226,8 @@ class Runner:
             progress.listeners.append(self.progress_factory(node.name))
         lease.on_beat = lambda: self._fold_progress(sdir, status, progress)
         ctx = self._context(node, sdir, tracker, progress)
+        if not prev.get("mlflow_run_id"):  # a new stage run: what it reads, once
+            mlflow_run.stage_inputs(tracker, ctx.inputs)
         try:
             node.spec.load_run()(node.config, ctx)
         except BaseException as e:
@@ -237,6 +245,7 @@ class Runner:
         lease.on_beat = None
         progress = read_progress(sdir) or status["progress"]
         status.update(state="succeeded", finished=time.time(), progress=progress)
+        mlflow_run.stage_artifacts(tracker, sdir, node.spec.outputs)
         tracker.close("FINISHED")
         write_status(sdir, status)  # the success marker comes last
         self.show(f"{node.name}: succeeded in {status['finished'] - status['started']:.1f}s")

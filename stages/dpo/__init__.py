@@ -9,7 +9,8 @@ from stages.dpo.config import DPOConfig, check
 register(name="dpo", config=DPOConfig, version="1", run="stages.dpo.run:run",
          inputs={"model": InputSlot("model", required=False, prefer=("sft",), config_key="init_from"),
                  "tokenizer": InputSlot("tokenizer", required=False, prefer=("tokenize",))},
-         outputs={"model": "model", "preference_pairs": "pairs/val.arrow",
+         outputs={"model": "model", "metrics": "metrics.jsonl",
+                  "preference_pairs": "pairs/val.arrow",
                   "reference_logps": "reference/val"},
          check=check)
 

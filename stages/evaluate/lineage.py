@@ -9,7 +9,8 @@ from pipeline.stage import StageContext
 
 def upstream_fingerprints(ctx: StageContext) -> dict[str, str]:
     """``{instance: fingerprint}`` of every stage instance the evaluate stage depends on, directly or not."""
-    return dict(sorted(ctx.lineage.items()))
+    direct = {o.instance: o.fingerprint for outs in ctx.inputs.values() for o in outs}
+    return dict(sorted((direct | ctx.lineage).items()))
 
 
 def lineage_tags(ctx: StageContext) -> dict[str, str]:

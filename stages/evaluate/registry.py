@@ -108,6 +108,11 @@ def register_model(
         version = client.create_model_version(cfg.name, source, run_id=run_id, tags={"seedline.stage": stage})
     for k, v in tags.items():
         client.set_model_version_tag(cfg.name, version.version, k, v)
+    metric, value = tags.get("seedline.metric"), tags.get("seedline.metric_value")
+    description = (f"The {stage} model of run {tags.get('seedline.run_dir', '?')}, registered by Seedline's "
+                   f"evaluate stage as the best by {metric} ({cfg.mode}: {value})."
+                   if metric else f"The {stage} model, registered by Seedline's evaluate stage.")
+    client.update_model_version(cfg.name, version.version, description=description)
     client.set_registered_model_alias(cfg.name, cfg.alias, version.version)
     return {
         "name": cfg.name,

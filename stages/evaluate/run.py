@@ -291,9 +291,36 @@ def register_best(
     return reg
 
 
+def log_model_runs(ctx: StageContext, models: dict[str, dict[str, float]]) -> None:
+    """One nested MLflow run per model under the evaluate run, every model with the same metric names, so
+    MLflow's compare view puts the models side by side. Their ids are kept in ``mlflow_models.json`` (a
+    resumed stage logs into the same runs)."""
+    uri, parent = getattr(ctx.tracker, "uri", None), getattr(ctx.tracker, "run_id", None)
+    if not uri or not parent:
+        return
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_run(parent).info.experiment_id
+    path = ctx.path("mlflow_models.json")
+    known = storage.read_json_or(path, {})
+    handles = model_inputs(ctx)
+    now = int(time.time() * 1000)
+    for model, vals in models.items():
+        h = handles[model]
+        if model not in known:
+            tags = {"mlflow.parentRunId": parent, "seedline.model": model, "seedline.type": h.type,
+                    "seedline.fingerprint": h.fingerprint, "seedline.model_dir": h.path}
+            known[model] = client.create_run(experiment, run_name=f"eval {model}", tags=tags).info.run_id
+            storage.write_json(path, known)
+        client.log_batch(known[model], metrics=[Metric(k, float(v), now, 0) for k, v in sorted(vals.items())],
+                         params=[Param("model", model), Param("type", h.type)])
+        client.set_terminated(known[model], "FINISHED")
+
+
 def log_to_mlflow(ctx: StageContext, models: dict[str, dict[str, float]], pngs: dict[str, bytes]) -> None:
-    metrics = {f"{stage}/{k}": v for stage, vals in models.items() for k, v in vals.items()}
-    ctx.tracker.log_metrics(metrics)
+    log_model_runs(ctx, models)
     for name in pngs:
         ctx.tracker.log_artifact(
             storage.local(ctx.path("charts", name)) or _tmp_copy(ctx.path("charts", name)), "charts"

@@ -8,7 +8,7 @@ from stages.sft.config import SFTConfig, check
 register(name="sft", config=SFTConfig, version="1", run="stages.sft.run:run",
          inputs={"model": InputSlot("model", required=False, prefer=("pretrain",), config_key="init_from"),
                  "tokenizer": InputSlot("tokenizer", required=False, prefer=("tokenize",))},
-         outputs={"model": "model"},
+         outputs={"model": "model", "metrics": "metrics.jsonl"},
          check=check)
 
 __all__ = ["SFTConfig"]

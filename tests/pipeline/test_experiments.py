@@ -235,7 +235,8 @@ def slow_train_run(config: SlowConfig, ctx) -> None:
 
 
 registry.register("x_slow", SlowConfig, "1", f"{__name__}:slow_train_run",
-                  inputs={"data": InputSlot("shards", prefer=("x_tok",))}, outputs={"model": ""})
+                  inputs={"data": InputSlot("shards", prefer=("x_tok",))},
+                  outputs={"model": "", "metrics": "metrics.jsonl"})
 
 
 def _status(d: str) -> dict:
@@ -291,3 +292,26 @@ def test_a_bad_sweep_is_a_config_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pipeline", "run", str(conf), "--sweep",
                           "stages.train.lr=1,x"], cwd=REPO, capture_output=True, text=True, env=ENV)
     assert out.returncode == 2 and "stages.train.lr" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_mlflow_holds_configs_outputs_inputs_and_a_summary(tmp_path):
+    stages = {"x_src": {}, "x_tok": {}, "train": {"type": "x_slow"}}
+    cfg = validate_config(_cfg(tmp_path, name="ml", **stages))
+    res = run_pipeline(cfg)
+    client = MlflowClient(cfg.tracking_uri())
+    run_json = json.loads((Path(res.run_dir) / "run.json").read_text())
+    parent = client.get_run(run_json["mlflow_parent_run_id"])
+    assert parent.info.run_name == "ml" and run_json["attempts"] == 1
+    assert "pipeline.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert parent.data.metrics["train/loss"] == 10.0 and "wall_s" in parent.data.metrics
+    exp = parent.info.experiment_id
+    children = {r.data.tags["seedline.stage"]: r
+                for r in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    train = children["train"]
+    assert {a.path for a in client.list_artifacts(train.info.run_id)} >= {"config.json", "outputs"}
+    [dataset] = train.inputs.dataset_inputs
+    tok = order(cfg)[1]
+    assert dataset.dataset.name == "x_tok.shards" and dataset.dataset.digest == tok.fingerprint
+    # A second attempt (here: a forced re-run of one stage) gets its own name on the same parent run.
+    run_pipeline(cfg, from_stage="train")
+    assert client.get_run(parent.info.run_id).info.run_name == "ml (attempt 2)"

@@ -294,6 +294,7 @@ def test_best_model_is_registered_with_alias_and_lineage_and_loads_back(setup):
     client = MlflowClient(tracking_uri=setup["uri"], registry_uri=setup["uri"])
     version = client.get_model_version_by_alias("tiny-lm", "candidate")
     assert int(version.version) == reg["version"]
+    assert "best by perplexity" in version.description
     manifest = json.loads((setup["tok_dir"] / "manifest.json").read_text())
     tags = version.tags
     assert tags["seedline.stage"] == "pretrain" and tags["seedline.metric"] == "perplexity"
@@ -302,9 +303,14 @@ def test_best_model_is_registered_with_alias_and_lineage_and_loads_back(setup):
     assert tags["seedline.fingerprint.tokenize"] == "tokfp" and tags["seedline.fingerprint.dpo"] == "dpofp"
     assert version.run_id == setup["tracker"].run_id
     run = client.get_run(setup["tracker"].run_id)
-    assert run.data.metrics["pretrain/perplexity"] == pytest.approx(
+    # One nested run per model, with the same metric names: MLflow's compare view puts them side by side.
+    nested = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    by_model = {r.data.tags["seedline.model"]: r for r in nested}
+    assert set(by_model) == set(setup["results"]["models"])
+    assert by_model["pretrain"].data.metrics["perplexity"] == pytest.approx(
         setup["results"]["models"]["pretrain"]["perplexity"]
     )
+    assert by_model["sft"].data.metrics.keys() == by_model["pretrain"].data.metrics.keys()
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "charts")}
     assert "charts/perplexity.png" in arts
 
