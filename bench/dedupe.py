@@ -165,8 +165,27 @@ def _union_find(links: list[tuple[str, str]]):
 # --- datatrove --------------------------------------------------------------------------------------
 
 
+def _xxhash32(data: str | bytes) -> int:
+    import xxhash
+
+    return xxhash.xxh32_intdigest(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def _xxhash64(data: str | bytes) -> int:
+    import xxhash
+
+    return xxhash.xxh64_intdigest(data.encode("utf-8") if isinstance(data, str) else data)
+
+
 def datatrove_pipeline(corpus: Corpus, work: Path, workers: int = 2):
-    """datatrove's 4-step MinHash deduplication; (seconds, same_cluster)."""
+    """datatrove's 4-step MinHash deduplication; (seconds, same_cluster).
+
+    xxhash 4 no longer hashes ``str`` (it encoded it as UTF-8 before); datatrove 0.10 still passes
+    shingles as ``str``, so its xxhash helpers get that encoding back (the same hashes as with xxhash 3).
+    """
+    import datatrove.utils.hashes.xxhash as dt_xxhash
+
+    dt_xxhash.xxhash32, dt_xxhash.xxhash64 = _xxhash32, _xxhash64
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup import (
         MinhashDedupBuckets,
