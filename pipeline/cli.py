@@ -362,8 +362,11 @@ def ui(run_dir: str, port: int = 5000) -> None:
         _fail(ConfigError("RUN_DIR", f"no tracking store recorded in {run_dir}/run.json"))
     import signal
 
+    # One worker: a local UI needs no more, and uvicorn's supervisor of several kills a worker that is
+    # slow to answer its health ping (seen on a loaded 2-core machine).
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-                               "--host", "127.0.0.1", "--port", str(port)], start_new_session=True)
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              start_new_session=True)
 
     def stop(*_: object) -> None:  # the server and its workers go with us, on Ctrl-C or a SIGTERM
         with contextlib.suppress(ProcessLookupError):
