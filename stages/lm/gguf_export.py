@@ -169,12 +169,13 @@ def write_gguf(model_dir: str, out_file: str, name: str = "seedline", file_type:
 def stage_model_dir(run_dir: str, stage: str | None) -> tuple[str, str]:
     """(stage name, its ``model/`` directory) in ``run_dir``; ``stage`` None picks the last stage of the
     run that exported a model. Errors name what is missing (``ConfigError``: exit code 2)."""
+    from pipeline.state import recorded_stage_dirs
+
     run = storage.read_json_or(storage.join(run_dir, "run.json"), None)
     if run is None:
         raise ConfigError("RUN_DIR", f"no run.json in {run_dir}")
-    stages: dict[str, str] = run.get("stages", {})
-    with_model = [s for s, d in stages.items()
-                  if storage.exists(storage.join(run_dir, d, "model", "config.json"))]
+    stages = recorded_stage_dirs(run_dir, run)  # instance -> directory (in the run or the shared store)
+    with_model = [s for s, d in stages.items() if storage.exists(storage.join(d, "model", "config.json"))]
     if stage is None:
         if not with_model:
             raise ConfigError("--stage", f"no stage of {run_dir} has exported a model yet")
@@ -182,10 +183,10 @@ def stage_model_dir(run_dir: str, stage: str | None) -> tuple[str, str]:
     if stage not in stages:
         raise ConfigError("--stage", f"no stage {stage!r} in {run_dir} (stages: {', '.join(stages)})")
     if stage not in with_model:
-        where = storage.join(run_dir, stages[stage], "model")
+        where = storage.join(stages[stage], "model")
         raise ConfigError("--stage", f"stage {stage!r} has no exported model in {where} "
                           f"(models: {', '.join(with_model) or 'none yet'})")
-    return stage, storage.join(run_dir, stages[stage], "model")
+    return stage, storage.join(stages[stage], "model")
 
 
 def export_run_gguf(run_dir: str, stage: str | None = None, out: str | None = None,

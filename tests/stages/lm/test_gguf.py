@@ -12,7 +12,7 @@ import torch
 import transformers
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from pipeline.cli import load_plugins
 from stages.lm.gguf_export import write_gguf
 from stages.lm.hf import export_hf
 from stages.lm.model import CausalLM, ModelConfig
@@ -106,6 +106,15 @@ def test_f16_gguf_loads_close(tmp_path, tokenizer_dir):
     assert 0 < diff <= 1e-2
 
 
+def _seedline(*args: str):
+    """``seedline ARGS`` with the commands the installed plugins add (``export`` among them)."""
+    import typer
+
+    app = typer.Typer()
+    load_plugins(app)
+    return CliRunner().invoke(app, list(args))
+
+
 def _fake_run(root, tokenizer_dir):
     """A run directory as the pipeline leaves it: run.json naming the stages, sft with an exported model."""
     run = root / "runs" / "demo"
@@ -119,7 +128,7 @@ def _fake_run(root, tokenizer_dir):
 
 def test_cli_export_gguf_writes_the_stage_model(tmp_path, tokenizer_dir):
     run = _fake_run(tmp_path, tokenizer_dir)
-    res = CliRunner().invoke(app, ["export", "gguf", str(run), "--stage", "sft"])
+    res = _seedline("export", "gguf", str(run), "--stage", "sft")
     assert res.exit_code == 0, res.output
     out = run / "sft-0123456789" / "model.gguf"
     assert str(out) in res.output
@@ -129,7 +138,7 @@ def test_cli_export_gguf_writes_the_stage_model(tmp_path, tokenizer_dir):
     assert bytes(fields["general.name"].parts[-1]).decode() == "demo-sft"
     assert load_gguf(out).config.num_hidden_layers == 2
     # --out, and the default stage (the last one with a model)
-    res = CliRunner().invoke(app, ["export", "gguf", str(run), "--out", str(tmp_path / "x.gguf")])
+    res = _seedline("export", "gguf", str(run), "--out", str(tmp_path / "x.gguf"))
     assert res.exit_code == 0, res.output
     assert (tmp_path / "x.gguf").read_bytes() == out.read_bytes()
 
@@ -139,9 +148,9 @@ def test_cli_export_gguf_errors_name_what_is_missing(tmp_path, tokenizer_dir):
     cases = ((["--stage", "dpo"], "no stage 'dpo'"), (["--stage", "tokenize"], "no exported model"),
              (["--type", "q4"], "--type"))
     for args, expect in cases:
-        res = CliRunner().invoke(app, ["export", "gguf", str(run), *args])
+        res = _seedline("export", "gguf", str(run), *args)
         assert res.exit_code == 2, res.output
         assert expect in res.output and "Traceback" not in res.output
-    res = CliRunner().invoke(app, ["export", "gguf", str(tmp_path / "nowhere")])
+    res = _seedline("export", "gguf", str(tmp_path / "nowhere"))
     assert res.exit_code == 2 and "no run.json" in res.output
     assert not list(run.rglob("*.gguf"))

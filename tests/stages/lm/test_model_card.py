@@ -84,7 +84,9 @@ def _corpus(path: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_a_run_explains_its_outputs(tmp_path):
-    from pipeline.cli import app
+    import typer
+
+    from pipeline.cli import load_plugins
     from pipeline.config import validate_config
     from pipeline.runner import run_pipeline
 
@@ -139,6 +141,8 @@ def test_a_run_explains_its_outputs(tmp_path):
         assert stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044, f.name
 
     # and the model exports as GGUF
+    app = typer.Typer()
+    load_plugins(app)
     r = CliRunner().invoke(app, ["export", "gguf", str(Path(res.run_dir)), "--stage", "pretrain"])
     assert r.exit_code == 0, r.output
     assert (pre / "model.gguf").stat().st_size > 0
