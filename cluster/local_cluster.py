@@ -33,6 +33,7 @@ from pathlib import Path
 from cluster.errors import ClusterError
 
 STATE_FILE = "cluster.json"
+ATTEMPTS = int(os.environ.get("SEEDLINE_NODE_START_ATTEMPTS", "6"))
 BUCKET = "seedline"
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
@@ -132,13 +133,13 @@ class LocalCluster:
         else:
             cmd += ["--address", self.gcs]
         # Ray gives a raylet 30 s to register (not configurable); on a loaded machine it can miss that, so a
-        # node that fails to come up is started again from scratch (twice at most).
-        for attempt in range(3):
+        # node that fails to come up is started again from scratch (up to ATTEMPTS times in all).
+        for attempt in range(ATTEMPTS):
             try:
                 return self._start(name, cmd, temp_dir, head)
             except ClusterError:
                 self.kill_node(name)
-                if attempt == 2:
+                if attempt == ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
 
