@@ -271,7 +271,15 @@ def main() -> None:
     from pipeline.ray_init import init_ray
 
     t0 = time.perf_counter()
-    init_ray(None)
+    for attempt in range(5):  # a loaded shared machine can miss Ray's fixed 30 s raylet start-up wait
+        try:
+            init_ray(None)
+            break
+        except Exception as e:  # noqa: BLE001
+            print(f"ray start failed ({e}); retrying", file=sys.stderr, flush=True)
+            ray.shutdown()
+            if attempt == 4:
+                raise
     cpus = int(ray.cluster_resources()["CPU"])
     print(f"ray start: {time.perf_counter() - t0:.1f} s ({cpus} CPUs; not counted below)", flush=True)
     warm = real_corpus(2, args.cache)

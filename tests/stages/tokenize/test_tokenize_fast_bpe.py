@@ -120,3 +120,25 @@ def test_a_token_no_merge_makes_is_refused(trained):
     spec["model"]["merges"].pop(100)
     enc, why = fast_bpe.fast_encoder(json.dumps(spec))
     assert enc is None and "not made by any merge" in why
+
+
+def test_the_encode_step_writes_identical_files_with_either_encoder(trained, tmp_path):
+    from stages.common.records import InputFile
+    from stages.tokenize.encode import EncodeParams, encode_file
+    from stages.tokenize.layout import Layout
+    from stages.tokenize.sources import Sources, val_threshold
+
+    texts = _real_texts(SITE, 600_000, every=211) + ADVERSARIAL[:12] + ["x" * 3500 + " tail"]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    sources = Sources([InputFile(0, str(src), "in.jsonl")], "text", "id", "input")
+    outputs = {}
+    for engine, threads in (("tokenizers", 1), ("tiktoken", 1), ("tiktoken", 2)):
+        out = tmp_path / f"{engine}-{threads}"
+        p = EncodeParams(seed=0, val_threshold=val_threshold(0.2), max_chunk_chars=2000, batch_chars=50_000,
+                         eot=0, dtype="uint16", engine=engine, threads=threads)
+        stats = encode_file(sources, sources.files[0], trained, p, str(out))
+        lay = Layout(str(out))
+        outputs[engine, threads] = (stats, [Path(lay.encoded(0, s)).read_bytes() for s in ("train", "val")])
+    assert stats["docs_cut"] > 0 and stats["tokens"]["train"] > 100_000  # long documents were cut
+    assert outputs["tokenizers", 1] == outputs["tiktoken", 1] == outputs["tiktoken", 2]
