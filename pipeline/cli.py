@@ -64,6 +64,9 @@ def _run(cfg, only: str | None, from_stage: str | None) -> None:
                                progress_factory=factory)
     except SeedlineError as e:
         _fail(e)
+    from pipeline.summary import print_summary
+
+    print_summary(res.run_dir, res.outcomes, lambda line: typer.echo(line, err=True))
     typer.echo(res.run_dir)
 
 

@@ -315,3 +315,16 @@ def test_mlflow_holds_configs_outputs_inputs_and_a_summary(tmp_path):
     # A second attempt (here: a forced re-run of one stage) gets its own name on the same parent run.
     run_pipeline(cfg, from_stage="train")
     assert client.get_run(parent.info.run_id).info.run_name == "ml (attempt 2)"
+
+
+def test_run_ends_with_a_summary_and_the_next_commands(tmp_path):
+    conf = tmp_path / "c.yaml"
+    data = _cfg(tmp_path, name="sum", x_src={"n": 2}, x_tok={}, m={"type": "x_train"})
+    conf.write_text(yaml.safe_dump(data))
+    out = subprocess.run([sys.executable, "-m", "pipeline", "run", str(conf)], cwd=REPO, capture_output=True,
+                         text=True, env=ENV, check=True)
+    run_dir = out.stdout.strip().splitlines()[-1]
+    tail = out.stderr[out.stderr.index(f"run {run_dir}:"):].splitlines()
+    assert [line.split()[:2] for line in tail[1:4]] == [["x_src", "ran"], ["x_tok", "ran"], ["m", "ran"]]
+    assert f"seedline ui {run_dir}" in out.stderr and f"seedline report {run_dir}" in out.stderr
+    assert "from_pretrained" not in out.stderr  # no stage exported a Hugging Face model
