@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -22,6 +23,7 @@ def _loopback_only() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
+START_ATTEMPTS = 3
 _INIT_LOCK = threading.Lock()  # sweep variants run in threads of one driver: one ray.init
 
 
@@ -52,14 +54,25 @@ def _init_ray(address: str | None, num_cpus: int | None = None) -> None:
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
         ray.init(address=address, runtime_env=None if in_job else runtime_env, log_to_driver=True)
         return
-    ray.init(
-        num_cpus=num_cpus,
-        # The dashboard (on loopback only) serves the State API that Ray Train V2's placement-group cleaner
-        # polls; without it the cleaner fails every poll and floods the log.
-        include_dashboard=True,
-        dashboard_host=LOOPBACK,
-        _node_ip_address=LOOPBACK,
-        runtime_env=runtime_env,
-        log_to_driver=True,
-        configure_logging=False,
-    )
+    logging.getLogger("seedline").info("starting Ray (local, 127.0.0.1)")
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            ray.init(
+                num_cpus=num_cpus,
+                # The dashboard (on loopback only) serves the State API that Ray Train V2's placement-group
+                # cleaner polls; without it the cleaner fails every poll and floods the log.
+                include_dashboard=True,
+                dashboard_host=LOOPBACK,
+                _node_ip_address=LOOPBACK,
+                runtime_env=runtime_env,
+                log_to_driver=True,
+                configure_logging=False,
+            )
+            return
+        except Exception as e:
+            # Ray gives a new node a fixed time to register; a busy machine can miss it. Start afresh.
+            if "timed out during startup" not in str(e) or attempt == START_ATTEMPTS:
+                raise
+            logging.getLogger("seedline").warning("Ray start timed out (attempt %d of %d); retrying",
+                                                  attempt, START_ATTEMPTS)
+            ray.shutdown()
