@@ -115,6 +115,22 @@ class LocalCluster:
         Its temp dir is its own unless ``temp_dir`` is given."""
         if name in self.nodes and _alive(self.nodes[name].pid):
             raise ClusterError(f"node {name} is already running")
+        # Ray gives a raylet 30 s to register (not configurable); on a loaded machine it can miss that, so a
+        # node that fails to come up is started again from scratch, with new ports and a new temp dir (up
+        # to ATTEMPTS times in all).
+        for attempt in range(ATTEMPTS):
+            try:
+                return self._start(name, self._command(name, head, num_cpus, object_store_mb, temp_dir), head)
+            except ClusterError:
+                self.kill_node(name)
+                if temp_dir is None:  # the failed attempt's own temp dir
+                    shutil.rmtree(self.nodes[name].temp_dir, ignore_errors=True)
+                if attempt == ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _command(self, name: str, head: bool, num_cpus: int, object_store_mb: int | None,
+                 temp_dir: str | None) -> tuple[list[str], str]:
         # Unix socket paths under the temp dir must stay short: /tmp, not the (long) base dir.
         temp_dir = temp_dir or tempfile.mkdtemp(prefix=f"sl{name}-", dir="/tmp")
         cmd = [_bin("ray"), "start", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
@@ -132,18 +148,10 @@ class LocalCluster:
                     "--ray-client-server-port", str(free_port())]
         else:
             cmd += ["--address", self.gcs]
-        # Ray gives a raylet 30 s to register (not configurable); on a loaded machine it can miss that, so a
-        # node that fails to come up is started again from scratch (up to ATTEMPTS times in all).
-        for attempt in range(ATTEMPTS):
-            try:
-                return self._start(name, cmd, temp_dir, head)
-            except ClusterError:
-                self.kill_node(name)
-                if attempt == ATTEMPTS - 1:
-                    raise
-        raise AssertionError("unreachable")
+        return cmd, temp_dir
 
-    def _start(self, name: str, cmd: list[str], temp_dir: str, head: bool) -> Node:
+    def _start(self, name: str, command: tuple[list[str], str], head: bool) -> Node:
+        cmd, temp_dir = command
         log = Path(self.base) / f"ray-{name}.log"
         before = 0 if head else _alive_nodes(self)
         with open(log, "w") as out:
