@@ -39,7 +39,7 @@ def ray_address():
 
 def _ctx(out: Path, address: str) -> StageContext:
     return StageContext(name="filter", out_dir=str(out), run_dir=str(out.parent), fingerprint="test",
-                        upstream={}, tracker=NullTracker(), progress=Progress(None),
+                        inputs={}, tracker=NullTracker(), progress=Progress(None),
                         logger=logging.getLogger("test"), ray_address=address)
 
 
@@ -135,7 +135,7 @@ from pipeline.tracking import NullTracker
 from stages.filter.config import FilterConfig
 from stages.filter.run import run
 out, address, cfg = sys.argv[1:4]
-ctx = StageContext(name="filter", out_dir=out, run_dir=str(Path(out).parent), fingerprint="t", upstream={},
+ctx = StageContext(name="filter", out_dir=out, run_dir=str(Path(out).parent), fingerprint="t", inputs={},
                    tracker=NullTracker(), progress=Progress(None), logger=logging.getLogger("t"),
                    ray_address=address)
 run(FilterConfig(**json.loads(cfg), num_workers=1), ctx)
