@@ -271,13 +271,21 @@ def main() -> None:
     from pipeline.ray_init import init_ray
 
     t0 = time.perf_counter()
+    import psutil
+
+    me = psutil.Process()
     for attempt in range(5):  # a loaded shared machine can miss Ray's fixed 30 s raylet start-up wait
+        before = {c.pid for c in me.children()}
         try:
             init_ray(None)
             break
         except Exception as e:  # noqa: BLE001
             print(f"ray start failed ({e}); retrying", file=sys.stderr, flush=True)
             ray.shutdown()
+            # A failed start leaves its GCS and dashboard running: stop what this attempt started.
+            for c in me.children():
+                if c.pid not in before:
+                    c.kill()
             if attempt == 4:
                 raise
     cpus = int(ray.cluster_resources()["CPU"])
