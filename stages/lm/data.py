@@ -45,8 +45,6 @@ class _Shard:
 
 def _find_manifest(path: str | Path, split: str) -> tuple[Path, str]:
     """Accept the stage directory, its manifest.json, or a split directory (``.../train``)."""
-    if "://" in str(path):
-        raise ValueError(f"{path}: the loader reads local shards; download the tokenize directory first")
     p = Path(path)
     if p.is_file():
         return p, split
@@ -55,6 +53,27 @@ def _find_manifest(path: str | Path, split: str) -> tuple[Path, str]:
     if (p.parent / "manifest.json").is_file():
         return p.parent / "manifest.json", p.name
     raise FileNotFoundError(f"no manifest.json for {path} (give the tokenize stage directory)")
+
+
+def _remote_root(path: str) -> str | None:
+    """The tokenize stage URL of an object-store ``path`` (stage directory or its manifest.json), or None
+    for a local path."""
+    if "://" not in path or path.startswith("file://"):
+        return None
+    path = path.rstrip("/")
+    return path[: -len("/manifest.json")] if path.endswith("/manifest.json") else path
+
+
+def _read_remote_json(url: str) -> dict[str, Any]:
+    from pipeline import storage
+    from stages.lm.node_cache import IO
+
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {url} (give the tokenize stage directory)") from None
+    IO["bytes_downloaded"] += len(data)
+    return json.loads(data)
 
 
 def _sha256(path: Path) -> str:
@@ -95,9 +114,15 @@ class PackedDataset:
     """
 
     def __init__(self, path: str | Path, split: str = "train", verify: bool = False):
-        manifest_path, split = _find_manifest(path, split)
-        self.root = manifest_path.parent
-        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        self.url = _remote_root(str(path))
+        if self.url is not None:  # an object store: shards come through this node's cache, lazily
+            manifest_path: Any = f"{self.url}/manifest.json"
+            self.root: Any = self.url
+            self.manifest: dict[str, Any] = _read_remote_json(manifest_path)
+        else:
+            manifest_path, split = _find_manifest(path, split)
+            self.root = manifest_path.parent
+            self.manifest = json.loads(manifest_path.read_text())
         if split not in self.manifest["splits"]:
             raise ValueError(f"{manifest_path}: no split {split!r} (have {sorted(self.manifest['splits'])})")
         self.split = split
@@ -106,21 +131,42 @@ class PackedDataset:
         self.rows_per_shard: int = self.manifest["rows_per_shard"]
         self.vocab_size: int = self.manifest["vocab_size"]
         self.special_token_ids: dict[str, int] = self.manifest["special_token_ids"]
-        self.tokenizer_dir = self.root / self.manifest["tokenizer"]
+        self.tokenizer_dir = (f"{self.url}/{self.manifest['tokenizer']}" if self.url is not None
+                              else self.root / self.manifest["tokenizer"])
         info = self.manifest["splits"][split]
         shards = info["shards"]
         for k, sh in enumerate(shards[:-1]):
             if sh["rows"] != self.rows_per_shard:
                 raise ValueError(f"{sh['path']}: {sh['rows']} rows; every shard but the last has "
                                  f"{self.rows_per_shard} (shard {k})")
-        self._shards = [_open_shard(self.root / sh["path"], sh["rows"], self.row_len,
-                                    sh["sha256"] if verify else None) for sh in shards]
+        self._entries = shards
+        self._shards: list[_Shard | None] = (
+            [None] * len(shards) if self.url is not None else
+            [_open_shard(self.root / sh["path"], sh["rows"], self.row_len, sh["sha256"] if verify else None)
+             for sh in shards])
         self._len = sum(sh["rows"] for sh in shards)
         if self._len != info["rows"]:
             raise ValueError(f"{manifest_path}: shards hold {self._len} rows, split says {info['rows']}")
 
     def __len__(self) -> int:
         return self._len
+
+    def _shard(self, k: int) -> _Shard:
+        """Shard ``k``, memory-mapped; on an object store fetched into the node cache on first use."""
+        sh = self._shards[k]
+        if sh is None:
+            from stages.lm.shard_cache import fetch
+
+            e = self._entries[k]
+            sh = fetch(f"{self.url}/{e['path']}", e.get("sha256", ""), int(e.get("bytes", -1)),
+                       lambda p: _open_shard(p, e["rows"], self.row_len, None))
+            self._shards[k] = sh
+        return sh
+
+    def prefetch(self) -> None:
+        """Fetch every shard of the split now (a no-op for a local directory)."""
+        for k in range(len(self._shards)):
+            self._shard(k)
 
     def locate(self, index: int) -> tuple[int, int]:
         """(shard, row) of a global row index, in O(1)."""
@@ -131,7 +177,7 @@ class PackedDataset:
     def row(self, index: int) -> tuple[np.ndarray, int, np.ndarray]:
         """(tokens (seq_len + 1,) view, real length, document start positions) of row ``index``."""
         shard, r = self.locate(index)
-        sh = self._shards[shard]
+        sh = self._shard(shard)
         return sh.tokens[r], int(sh.length[r]), sh.start_values[sh.start_offsets[r]: sh.start_offsets[r + 1]]
 
     def batch(self, indices: np.ndarray | list[int], doc_mask: bool = False) -> dict[str, torch.Tensor]:
@@ -145,7 +191,7 @@ class PackedDataset:
         marks = np.zeros((n, T), np.int64)  # at each document start s: s (for positions), else 0
         shard_of, row_of = np.divmod(idx, self.rows_per_shard)
         for j in range(n):
-            sh = self._shards[shard_of[j]]
+            sh = self._shard(shard_of[j])
             r = row_of[j]
             rows[j] = sh.tokens[r]
             length[j] = sh.length[r]

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from stages.lm import checkpoint as ckpt
+from stages.lm.ckpt_store import CheckpointStore
 from stages.lm.ds_config import ds_config, lr_at, lr_factor
 from stages.lm.flops import flops_per_token, mfu
 from stages.lm.train_metrics import MetricsSink, mean_over_ranks
@@ -41,11 +42,9 @@ class WorkerEnv:
     rank: int
     world: int
     device: Any
-    out: Path
-
-    @property
-    def ckpt_root(self) -> Path:
-        return self.out / "checkpoints"
+    out: Path  # where rank 0 writes metrics: the stage directory, or a node-local staging directory
+    store: CheckpointStore
+    out_url: str  # the stage directory (a local path or an object-store URL)
 
 
 def seed_all(seed: int) -> None:
@@ -77,7 +76,11 @@ def _setup(lc: dict[str, Any]) -> WorkerEnv:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    return WorkerEnv(tc.get_world_rank(), tc.get_world_size(), device, Path(lc["out_dir"]))
+    from stages.lm.node_cache import reset_io
+
+    reset_io()
+    store = CheckpointStore(lc["out_dir"], tc.get_world_rank(), tc.get_local_rank())
+    return WorkerEnv(tc.get_world_rank(), tc.get_world_size(), device, store.local_out, store, lc["out_dir"])
 
 
 def _param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
@@ -107,6 +110,9 @@ def _engine(lc: dict[str, Any], env: WorkerEnv):
         opt = torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, eps=train.eps)
         kwargs |= {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(train))}
     engine, *_ = deepspeed.initialize(**kwargs)
+    from stages.lm.safe_load import install_safe_engine
+
+    install_safe_engine(engine)  # DeepSpeed's .pt files are read with weights_only=True
     if spec.compile:
         engine.compile()
     return engine
@@ -116,23 +122,33 @@ def _resume(engine, loader, env: WorkerEnv) -> dict[str, Any]:
     """Load the newest complete checkpoint (if any) into the engine, loader and RNGs."""
     import torch.distributed as dist
 
+    store = env.store
     if env.rank == 0:
-        ckpt.remove_incomplete(env.ckpt_root)
+        store.remove_incomplete()
     dist.barrier()
-    found = ckpt.newest_complete(env.ckpt_root)
+    found = store.newest()
     if found is None:
         return {"step": 0, "tokens": 0, "consumed_samples": 0}
-    step, path = found
-    marker = ckpt.read_marker(path)
+    step, name, marker = found
+    if env.rank == 0:
+        store.fetch_metrics()
+    root = store.fetch(name)
+    path = root / name
     if marker["world_size"] != env.world:
-        raise RuntimeError(f"{path} was written by {marker['world_size']} workers, this run has {env.world}: "
-                           "DeepSpeed ZeRO checkpoints resume on the same worker count")
-    loaded, client = engine.load_checkpoint(str(env.ckpt_root), tag=path.name, load_optimizer_states=True,
-                                            load_lr_scheduler_states=True)
+        raise RuntimeError(f"{store.url}/{name} was written by {marker['world_size']} workers, this run has "
+                           f"{env.world}: DeepSpeed ZeRO checkpoints resume on the same worker count")
+    from stages.lm.safe_load import guarded
+
+    with guarded(path):
+        loaded, _ = engine.load_checkpoint(str(root), tag=name, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
     if loaded is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {store.url}/{name}")
+    client = ckpt.load_trainer_state(path)
     loader.load_state_dict(client["loader"])
     ckpt.load_rng(path, env.rank)
+    dist.barrier()  # every rank of this node has read the restore copy
+    store.release()
     return {k: client[k] for k in ("step", "tokens", "consumed_samples")}
 
 
@@ -225,15 +241,20 @@ def _evaluate(engine, lc: dict[str, Any], env: WorkerEnv) -> dict[str, float]:
 def _save(engine, loader, env: WorkerEnv, state: dict[str, Any], keep: int) -> None:
     import torch.distributed as dist
 
+    store = env.store
     tag = f"step-{state['step']}"
-    client = {**state, "loader": loader.state_dict()}
-    engine.save_checkpoint(str(env.ckpt_root), tag=tag, client_state=client, save_latest=False)
-    ckpt.save_rng(env.ckpt_root / tag, env.rank)
-    dist.barrier()  # every rank's shard is on disk
+    tag_dir = store.tag_dir(tag)
+    engine.save_checkpoint(str(store.save_root), tag=tag, save_latest=False)
     if env.rank == 0:
-        ckpt.write_marker(env.ckpt_root / tag, {"step": state["step"], "world_size": env.world,
-                                                "tokens": state["tokens"]})
-        ckpt.prune(env.ckpt_root, keep)
+        ckpt.save_trainer_state(tag_dir, {**state, "loader": loader.state_dict()})
+    ckpt.save_rng(tag_dir, env.rank)
+    store.publish(tag)  # object store: this rank's files uploaded
+    if env.rank == 0:
+        store.upload_metrics()  # they cover this step before the marker vouches for it
+    dist.barrier()  # every rank's files are in place
+    if env.rank == 0:
+        store.mark(tag, {"step": state["step"], "world_size": env.world, "tokens": state["tokens"]})
+        store.prune(keep)
     dist.barrier()
 
 
@@ -247,6 +268,7 @@ def _export(engine, lc: dict[str, Any], env: WorkerEnv) -> None:
     def write():
         if env.rank == 0:
             export_hf(engine.module, lc["task"].tokenizer_dir, str(env.out / "model"))
+            env.store.put_model(env.out / "model")
 
     if lc["deepspeed"].zero_stage == 3:
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
@@ -260,16 +282,38 @@ def _hooks(lc: dict[str, Any], env: WorkerEnv, step: int) -> None:
     """Test hooks: kill one worker once at a step (Ray Train replaces it)."""
     fail_at = lc["hooks"].get("fail_worker_at")
     if fail_at == step and env.rank == min(1, env.world - 1):
-        flag = env.out / f"failed-worker-at-{step}"
-        if not flag.exists():
-            flag.write_text("rank died here on purpose (SEEDLINE_TRAIN_FAIL_WORKER_AT_STEP)\n")
+        from pipeline import storage
+
+        flag = storage.join(env.out_url, f"failed-worker-at-{step}")
+        if not storage.exists(flag):
+            storage.write_text(flag, "rank died here on purpose (SEEDLINE_TRAIN_FAIL_WORKER_AT_STEP)\n")
             os._exit(1)
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
+def _write_json(env: WorkerEnv, name: str, obj: dict[str, Any]) -> None:
+    """A result file in the stage directory (local: temp + rename, as before; URL: one upload)."""
+    from pipeline import storage
+
+    if storage.is_url(env.out_url):
+        storage.write_text(storage.join(env.out_url, name), json.dumps(obj, indent=1, sort_keys=True))
+        return
+    path = Path(env.out_url) / name
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
     os.replace(tmp, path)
+
+
+def _io_totals(env: WorkerEnv) -> dict[str, int]:
+    """Bytes this attempt's ranks moved to and from the object store, summed over ranks."""
+    import torch
+    import torch.distributed as dist
+
+    from stages.lm.node_cache import IO
+
+    keys = sorted(IO)
+    t = torch.tensor([float(IO[k]) for k in keys], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return {k: int(v) for k, v in zip(keys, t.tolist(), strict=True)}
 
 
 def train_loop(lc: dict[str, Any]) -> None:
@@ -312,13 +356,16 @@ def train_loop(lc: dict[str, Any]) -> None:
                     time.sleep(3600)  # the driver exits hard now (SEEDLINE_TRAIN_KILL_AT_STEP)
     except NonFiniteLoss as e:
         if env.rank == 0:
-            _write_json(env.out / ERROR_FILE, {"step": e.step, "message": str(e)})
+            _write_json(env, ERROR_FILE, {"step": e.step, "message": str(e)})
         if sink:
             sink.close()
+            env.store.upload_metrics()
         dist.barrier()
         return
     if sink:
         sink.close()
+        env.store.upload_metrics()
     _export(engine, lc, env)
+    io = _io_totals(env)
     if env.rank == 0:
-        _write_json(env.out / RESULT_FILE, {"steps": state["step"], "tokens": state["tokens"]})
+        _write_json(env, RESULT_FILE, {"steps": state["step"], "tokens": state["tokens"], "io": io})

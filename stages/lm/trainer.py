@@ -11,8 +11,10 @@ export). The driver only starts the workers and reads what they wrote:
   ``stages/lm/train_metrics.py``; the same metrics go to the stage's MLflow run from rank 0;
 - ``<out>/model/``: the final weights as a ``LlamaForCausalLM`` directory (``stages.lm.hf.export_hf``).
 
-Checkpoints are written by every worker into the output directory, so it must be a local or shared
-filesystem path (not an object-store URL).
+The stage directory may be a local (or shared) path or an object-store URL (``s3://...``): see
+``stages/lm/ckpt_store.py`` for how checkpoints, metrics and the model reach an object store, and
+``stages/lm/shard_cache.py`` for how the workers read tokenized shards from one. ``FitResult.io`` has the
+bytes moved to and from the object store.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.errors import SeedlineError
 from pipeline.stage import StageContext
 from stages.lm.model_card import card_info, write_model_card
@@ -75,15 +78,19 @@ class FitResult:
     metrics: dict[str, float] = field(default_factory=dict)
     model_dir: str = ""
     checkpoint_dir: str = ""
+    io: dict[str, int] = field(default_factory=dict)  # bytes_uploaded / bytes_downloaded (object store)
 
 
-def final_metrics(metrics_path: Path) -> dict[str, float]:
-    """The last value of every metric in ``metrics.jsonl``."""
+def final_metrics(metrics_path: Path | str) -> dict[str, float]:
+    """The last value of every metric in ``metrics.jsonl`` (a local path or a URL)."""
     out: dict[str, float] = {}
-    if metrics_path.is_file():
-        for line in metrics_path.read_text().splitlines():
-            if line:
-                out |= {k: v for k, v in json.loads(line).items() if k != "step"}
+    try:
+        text = storage.read_text(str(metrics_path))
+    except (FileNotFoundError, IsADirectoryError):
+        return out
+    for line in text.splitlines():
+        if line:
+            out |= {k: v for k, v in json.loads(line).items() if k != "step"}
     return out
 
 
@@ -105,16 +112,17 @@ def _peak_flops(scaling) -> float | None:
     return None
 
 
-def _watch_for_kill(ckpt_dir: Path, step: int) -> None:
+def _watch_for_kill(ckpt_dir: str, step: int) -> None:
     """Test hook: exit this process hard once the checkpoint of ``step`` is complete."""
-    marker = ckpt_dir / f"step-{step}" / "complete.json"
-    existed = marker.exists()
+    marker = storage.join(ckpt_dir, f"step-{step}", "complete.json")
+    existed = storage.exists(marker)
+    pause = 0.2 if storage.is_url(marker) else 0.05
 
     def watch():
         while True:
-            if marker.exists() and not existed:
+            if storage.exists(marker) and not existed:
                 os._exit(137)
-            time.sleep(0.05)
+            time.sleep(pause)
 
     threading.Thread(target=watch, name="seedline-kill-hook", daemon=True).start()
 
@@ -133,17 +141,16 @@ def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext) -> FitResu
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if "://" in ctx.out_dir:
-        raise SeedlineError(f"{ctx.out_dir}: training writes DeepSpeed checkpoints from every worker and "
-                            "needs a local or shared filesystem workdir, not an object-store URL")
-    out = Path(ctx.out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    remote = storage.is_url(ctx.out_dir)
+    out: Path | str = ctx.out_dir.rstrip("/") if remote else Path(ctx.out_dir).resolve()
+    storage.makedirs(str(out))
     for name in (ERROR_FILE, RESULT_FILE):
-        (out / name).unlink(missing_ok=True)
+        storage.remove(storage.join(str(out), name))
     hooks = _hooks()
     if "kill_at" in hooks:
-        _watch_for_kill(out / "checkpoints", hooks["kill_at"])
+        _watch_for_kill(storage.join(str(out), "checkpoints"), hooks["kill_at"])
     ctx.init_ray()
+    ray_dir = _driver_dir(str(out)) / "ray" if remote else Path(out) / "ray"
     sc = cfg.scaling
     loop_config = {
         "task": task, "train": cfg.train, "scaling": sc, "deepspeed": cfg.deepspeed,
@@ -158,7 +165,7 @@ def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext) -> FitResu
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=f"train-{ctx.name}", storage_path=str(out / "ray"),
+        run_config=ray.train.RunConfig(name=f"train-{ctx.name}", storage_path=str(ray_dir),
                                        failure_config=ray.train.FailureConfig(max_failures=sc.max_failures)),
     )
     ctx.logger.info("%s: training %d steps on %d worker(s), ZeRO-%d", ctx.name, cfg.train.steps,
@@ -167,15 +174,52 @@ def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext) -> FitResu
         trainer.fit()
     except Exception as e:
         raise SeedlineError(f"{ctx.name}: training failed: {e}") from e
-    if (out / ERROR_FILE).is_file():
-        err = json.loads((out / ERROR_FILE).read_text())
+    err = storage.read_json_or(storage.join(str(out), ERROR_FILE), None)
+    if err is not None:
         raise SeedlineError(f"{ctx.name}: {err['message']}")
-    if not (out / RESULT_FILE).is_file():
+    result = storage.read_json_or(storage.join(str(out), RESULT_FILE), None)
+    if result is None:
         raise SeedlineError(f"{ctx.name}: the workers finished without writing {RESULT_FILE}")
-    result = json.loads((out / RESULT_FILE).read_text())
-    metrics = final_metrics(out / "metrics.jsonl")
-    write_model_card(str(out / "model"), card_info(ctx, cfg, result["steps"], result.get("tokens", 0),
-                                                   metrics))
+    metrics = final_metrics(storage.join(str(out), "metrics.jsonl"))
+    model_dir = storage.join(str(out), "model")
+    info = card_info(ctx, cfg, result["steps"], result.get("tokens", 0), metrics)
+    if remote:
+        _remote_model_card(model_dir, info)
+    else:
+        write_model_card(model_dir, info)
+    io = {k: int(v) for k, v in result.get("io", {}).items()}
     ctx.tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=result["steps"])
-    return FitResult(steps=result["steps"], metrics=metrics, model_dir=str(out / "model"),
-                     checkpoint_dir=str(out / "checkpoints"))
+    if remote:
+        ctx.tracker.log_metrics({f"io/{k}": float(v) for k, v in io.items()}, step=result["steps"])
+    return FitResult(steps=result["steps"], metrics=metrics, model_dir=model_dir,
+                     checkpoint_dir=storage.join(str(out), "checkpoints"), io=io)
+
+
+def _driver_dir(out_url: str) -> Path:
+    """The driver's node-local directory for a stage on an object store (Ray Train's own run state)."""
+    from stages.lm.node_cache import cache_root, key_of
+
+    d = cache_root() / "driver" / key_of(out_url)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _remote_model_card(model_dir: str, info) -> None:
+    """The model card of an object-store model: written on a local copy of the model, then uploaded (it
+    names the model's URL, not the copy)."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="seedline-card-") as tmp:
+        local = Path(tmp) / "model"
+        for name in storage.listdir(model_dir):
+            if name.endswith(".json"):  # the card reads the configs and the weights' headers only
+                (local / name).parent.mkdir(parents=True, exist_ok=True)
+                (local / name).write_bytes(storage.read_bytes(storage.join(model_dir, name)))
+        for name in storage.listdir(model_dir):
+            if name.endswith(".safetensors"):
+                with storage.open_read(storage.join(model_dir, name)) as src, open(local / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        card = write_model_card(str(local), info)
+        text = Path(card).read_text().replace(str(local.resolve()), model_dir)
+        storage.write_text(storage.join(model_dir, Path(card).name), text)

@@ -21,7 +21,8 @@ def run(config: PretrainConfig, ctx: StageContext) -> FitResult:
     ctx.tracker.log_params({"model_resolved": task.model_config.model_dump(mode="json")})
     result = fit(task, config, ctx)
     storage.write_json(ctx.path("stats.json"), {"steps": result.steps, "metrics": result.metrics,
-                                                "model": task.model_config.model_dump(mode="json")})
+                                                "model": task.model_config.model_dump(mode="json"),
+                                                "io": result.io})
     ctx.logger.info("pretrain: %d steps, final loss %.4f, model in %s", result.steps,
                     result.metrics.get("loss", float("nan")), result.model_dir)
     return result
