@@ -13,6 +13,10 @@ The core knows no stage. A stage says what its fields hold by marking them in it
 - ``FILE``: one existing file;
 - ``TOKENIZER``: a ``tokenizer.json`` or a directory holding one.
 
+``EVAL_DATA`` (combined with one of the above: ``json_schema_extra={**FILE, **EVAL_DATA}``) marks a field
+holding evaluation data (evaluate's tasks and prompts, sft's and dpo's ``val``): the runner collects those
+paths for the whole pipeline (``eval_data``) and hands them to every stage, e.g. for decontamination.
+
 The core checks the rest: the workdir (and the run directory) is a directory or can be created, and the
 recorded ``run.json`` and stage ``status.json`` files are readable JSON. Stages that already succeeded
 are not checked (their inputs may be gone; nothing will read them again).
@@ -35,6 +39,8 @@ GLOBS = {PREFLIGHT_KEY: "globs"}
 MODEL_DIR = {PREFLIGHT_KEY: "model_dir"}
 FILE = {PREFLIGHT_KEY: "file"}
 TOKENIZER = {PREFLIGHT_KEY: "tokenizer"}
+EVAL_DATA_KEY = "eval_data"
+EVAL_DATA = {EVAL_DATA_KEY: True}
 
 
 def check(cfg: Any, local_paths: bool = True) -> None:
@@ -53,21 +59,34 @@ def check(cfg: Any, local_paths: bool = True) -> None:
                 _check_value(path, kind, value, names, local_paths)
 
 
-def marked_fields(model: BaseModel, prefix: str) -> list[tuple[str, str, Any]]:
-    """``(key path, kind, value)`` of every marked field of ``model`` (nested models and lists too)."""
+def marked_fields(model: BaseModel, prefix: str, key: str = PREFLIGHT_KEY) -> list[tuple[str, str, Any]]:
+    """``(key path, kind, value)`` of every field of ``model`` marked with ``key`` (nested models and
+    lists too)."""
     out: list[tuple[str, str, Any]] = []
     for fname, info in type(model).model_fields.items():
         value = getattr(model, fname)
         path = f"{prefix}.{fname}"
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        if PREFLIGHT_KEY in extra:
-            out.append((path, str(extra[PREFLIGHT_KEY]), value))
+        if key in extra:
+            out.append((path, str(extra[key]), value))
         elif isinstance(value, BaseModel):
-            out += marked_fields(value, path)
+            out += marked_fields(value, path, key)
         elif isinstance(value, list | tuple):
             for i, item in enumerate(value):
                 if isinstance(item, BaseModel):
-                    out += marked_fields(item, f"{path}.{i}")
+                    out += marked_fields(item, f"{path}.{i}", key)
+    return out
+
+
+def eval_data(configs: dict[str, BaseModel]) -> dict[str, list[str]]:
+    """The pipeline's evaluation data: ``{"<instance>.<key path>": [path or glob, ...]}`` of every field
+    marked ``EVAL_DATA`` that holds a value, over all stage instances (``configs``: instance -> config)."""
+    out: dict[str, list[str]] = {}
+    for name, model in configs.items():
+        for path, _kind, value in marked_fields(model, name, EVAL_DATA_KEY):
+            values = [value] if isinstance(value, str) else [v for v in value or () if isinstance(v, str)]
+            if values:
+                out[path] = values
     return out
 
 

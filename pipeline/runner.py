@@ -19,6 +19,7 @@ from pipeline import mlflow_run, storage
 from pipeline.config import PipelineConfig, resolved
 from pipeline.errors import ConfigError, StageFailed, failure_details, failure_line
 from pipeline.graph import Node, downstream, lineage, order
+from pipeline.preflight import eval_data
 from pipeline.redact import redact_obj
 from pipeline.stage import Output, Progress, StageContext, handle
 from pipeline.state import Lease, RunState, lease_alive, read_lease, read_progress, read_status, write_status
@@ -297,6 +298,10 @@ class Runner:
             inputs=inputs, tracker=tracker, progress=progress, logger=logger,
             ray_address=self.cfg.ray.address, ray_num_cpus=self.cfg.ray.num_cpus,
             lineage=lineage(self.nodes, node.name), type=node.type,
+            eval_data=eval_data({n.name: n.config for n in self.nodes}),
+            extra={"upstream": {n: {"type": self.by_name[n].type,
+                                    "config": self.by_name[n].config.model_dump(mode="json")}
+                                for n in lineage(self.nodes, node.name)}},
         )
 
     def _output(self, up: Node, kind: str) -> Output:

@@ -264,7 +264,10 @@ class StageContext:
     ray_num_cpus: int | None = None
     lineage: dict[str, str] = field(default_factory=dict)  # every upstream instance -> fingerprint
     type: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # the runner's "upstream": {instance: {type, config}}
+    # the pipeline's evaluation data, every instance's (fields marked EVAL_DATA): "<instance>.<key path>"
+    # -> paths or globs; e.g. the filter's decontamination reads it
+    eval_data: dict[str, list[str]] = field(default_factory=dict)
 
     def input(self, slot: str) -> Output | None:
         """The output bound to a single-valued input slot, or None when the slot is unbound."""

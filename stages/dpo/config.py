@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.preflight import GLOBS, MODEL_DIR
+from pipeline.preflight import EVAL_DATA, GLOBS, MODEL_DIR
 from stages.lm.train_config import EvalConfig, TrainConfig, TrainingStageConfig, start_model_check
 
 
@@ -24,7 +24,7 @@ class DPOConfig(TrainingStageConfig):
         json_schema_extra=GLOBS)
     val: str | list[str] | None = Field(
         None, description="held-out pairs, glob(s); default: val_fraction of the data (by content hash)",
-        json_schema_extra=GLOBS)
+        json_schema_extra={**GLOBS, **EVAL_DATA})
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share held out when `val` is not set")
     max_len: int = Field(1024, ge=8, le=1 << 20, description="tokens per sequence (prompt + completion)")
     max_prompt_len: int = Field(512, ge=1, description="prompt tokens kept (the end of a longer prompt)")

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from pipeline.errors import ConfigError
-from pipeline.preflight import FILE
+from pipeline.preflight import EVAL_DATA, FILE
 from pipeline.stage import StrictModel, volatile
 
 MODEL_STAGES = ("pretrain", "sft", "dpo")  # the stages whose <out>/model/ is evaluated, in pipeline order
@@ -31,7 +31,7 @@ class TaskConfig(StrictModel):
     """A multiple-choice task: JSONL records ``{"context", "choices", "gold"}`` scored by log-likelihood."""
 
     name: str = Field(description="metric prefix: <name>/acc, <name>/acc_norm")
-    path: str = Field(description="JSONL file (local or URL)", json_schema_extra=FILE)
+    path: str = Field(description="JSONL file (local or URL)", json_schema_extra={**FILE, **EVAL_DATA})
     num_fewshot: int = Field(
         0, ge=0, description="solved examples from the same file put before each context"
     )
@@ -71,7 +71,7 @@ class EvaluateConfig(StrictModel):
     perplexity: PerplexityConfig = PerplexityConfig()
     tasks: list[TaskConfig] = Field(default_factory=list)
     prompts: str | None = Field(None, description='JSONL of {"prompt": ...} for greedy generations',
-                                json_schema_extra=FILE)
+                                json_schema_extra={**FILE, **EVAL_DATA})
     max_new_tokens: int = Field(64, ge=1)
     models: list[str] | None = Field(
         None, description="stage instances whose models are evaluated, in this order (default: every "

@@ -26,7 +26,7 @@ from pipeline.errors import SeedlineError
 from pipeline.stage import Output, StageContext
 from stages.evaluate import charts, generate, multiple_choice, preference
 from stages.evaluate.config import EvaluateConfig
-from stages.evaluate.lineage import lineage_tags
+from stages.evaluate.lineage import decontamination, lineage_tags
 from stages.evaluate.records import write_rejects
 from stages.evaluate.report_md import results_markdown
 from stages.evaluate.worker import ModelJob, SharedInputs, evaluate_model
@@ -360,6 +360,7 @@ def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
             "perplexity": raw[stages[0]]["counts"].get("perplexity"),
         },
         "rejects": inputs.rejects,
+        "decontamination": decontamination(ctx),  # ran upstream? against which evaluation sets?
     }
     pngs = write_outputs(config, ctx, inputs, models, raw)
     results["registered"] = register_best(config, ctx, models)

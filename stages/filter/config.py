@@ -111,8 +111,10 @@ class Pii(StrictModel):
 class Decontaminate(StrictModel):
     """Remove documents sharing a word n-gram with an evaluation item (GPT-3 used 13-grams)."""
 
-    eval_files: list[str] = Field(
-        description="globs of JSONL: {context, choices}, {prompt}, {messages}, {prompt, chosen, rejected}",
+    eval_files: list[str] | None = Field(
+        None, description="globs of JSONL: {context, choices}, {prompt}, {messages}, {prompt, chosen, "
+                          "rejected}; default: the pipeline's own evaluation data (evaluate's tasks and "
+                          "prompts, sft's and dpo's val), each field one evaluation set",
         json_schema_extra=GLOBS)
     ngram: int = Field(13, ge=3, le=64)
     min_words: int = Field(
@@ -120,8 +122,9 @@ class Decontaminate(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> Decontaminate:
-        if not self.eval_files:
-            raise ValueError("eval_files must name at least one glob")
+        if self.eval_files is not None and not self.eval_files:
+            raise ValueError("eval_files must name at least one glob (or be omitted: the pipeline's own "
+                             "evaluation data)")
         if self.min_words > self.ngram:
             raise ValueError("min_words must not exceed ngram")
         return self

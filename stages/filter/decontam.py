@@ -110,38 +110,61 @@ class Index:
         return hits, self.names[set_id], " ".join(words[s:s + n])
 
 
-def build_index(cfg: Decontaminate) -> tuple[Index, dict[str, dict[str, int]]]:
-    """Read every evaluation file; returns the index and per-set counts (items, keys)."""
-    files = expand_inputs(cfg.eval_files, "stages.filter.decontaminate.eval_files")
+def eval_sets(cfg: Decontaminate, pipeline_eval: dict[str, list[str]]) -> dict[str, list[str]]:
+    """``{evaluation set: [file, ...]}``: each file of ``eval_files`` is a set of its own (named by its path
+    relative to the glob); without ``eval_files``, each of the pipeline's evaluation-data fields is one set
+    named by its key path (``evaluate.tasks.0.path``)."""
+    key = "stages.filter.decontaminate.eval_files"
+    if cfg.eval_files is not None:
+        return {f.rel: [f.path] for f in expand_inputs(cfg.eval_files, key)}
+    if not pipeline_eval:
+        raise ConfigError(key, "the pipeline has no evaluation data (evaluate tasks or prompts, sft or dpo "
+                               "val) to decontaminate against; name eval_files")
+    return {name: [f.path for f in expand_inputs(globs, name)]
+            for name, globs in sorted(pipeline_eval.items())}
+
+
+def build_index(cfg: Decontaminate, sets: dict[str, list[str]]) -> tuple[Index, dict[str, dict[str, int]]]:
+    """Read every evaluation file of ``sets`` (see ``eval_sets``); returns the index and per-set counts
+    (items, keys)."""
     all_keys, all_sets, lengths = [], [], {cfg.ngram}
     stats: dict[str, dict[str, int]] = {}
-    for set_id, f in enumerate(files):
+    for set_id, (name, paths) in enumerate(sets.items()):
         items = n_keys = 0
-        for line_no, line in enumerate(storage.read_text(f.path).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError("stages.filter.decontaminate.eval_files",
-                                  f"{f.path} line {line_no}: invalid JSON ({e.msg})") from None
-            items += 1
-            for text in item_texts(obj):
-                words = normal_words(text)
-                if len(words) >= cfg.ngram:
-                    keys, _ = gram_keys(words, cfg.ngram)
-                elif len(words) >= cfg.min_words:
-                    keys, _ = gram_keys(words, len(words))
-                    lengths.add(len(words))
-                else:
-                    continue
-                all_keys.append(keys)
-                all_sets.append(np.full(len(keys), set_id, np.int32))
-                n_keys += len(keys)
-        stats[f.rel] = {"items": items, "ngrams": n_keys}
+        for path in paths:
+            items, n_keys = _read_items(cfg, path, set_id, (items, n_keys), all_keys, all_sets, lengths)
+        stats[name] = {"items": items, "ngrams": n_keys}
     keys = np.concatenate(all_keys) if all_keys else np.empty(0, np.uint64)
-    sets = np.concatenate(all_sets) if all_sets else np.empty(0, np.int32)
-    order = np.lexsort((sets, keys))  # by key, then the first evaluation set
-    keys, sets = keys[order], sets[order]
+    sets_arr = np.concatenate(all_sets) if all_sets else np.empty(0, np.int32)
+    order = np.lexsort((sets_arr, keys))  # by key, then the first evaluation set
+    keys, sets_arr = keys[order], sets_arr[order]
     first = np.concatenate([[True], keys[1:] != keys[:-1]]) if len(keys) else np.empty(0, bool)
-    return Index(keys[first], sets[first], [f.rel for f in files], sorted(lengths)), stats
+    return Index(keys[first], sets_arr[first], list(sets), sorted(lengths)), stats
+
+
+def _read_items(cfg: Decontaminate, path: str, set_id: int, counts: tuple[int, int], all_keys: list,
+                all_sets: list, lengths: set[int]) -> tuple[int, int]:
+    """Add the n-gram keys of one evaluation file; returns the updated (items, keys) counts."""
+    items, n_keys = counts
+    for line_no, line in enumerate(storage.read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError("stages.filter.decontaminate.eval_files",
+                              f"{path} line {line_no}: invalid JSON ({e.msg})") from None
+        items += 1
+        for text in item_texts(obj):
+            words = normal_words(text)
+            if len(words) >= cfg.ngram:
+                keys, _ = gram_keys(words, cfg.ngram)
+            elif len(words) >= cfg.min_words:
+                keys, _ = gram_keys(words, len(words))
+                lengths.add(len(words))
+            else:
+                continue
+            all_keys.append(keys)
+            all_sets.append(np.full(len(keys), set_id, np.int32))
+            n_keys += len(keys)
+    return items, n_keys

@@ -36,10 +36,12 @@ def find_inputs(config: FilterConfig, ctx: StageContext) -> tuple[list[InputFile
     return expand_inputs(config.input, "stages.filter.input"), config.text_field, config.id_field
 
 
-def _check_plan(ctx: StageContext, files: list[InputFile]) -> None:
-    """Record the input list; if a resumed run sees different inputs, start the stage over."""
+def _check_plan(ctx: StageContext, files: list[InputFile], sets: dict[str, list[str]] | None) -> None:
+    """Record the input list (and evaluation sets); if a resumed run sees others, start the stage over."""
     path = ctx.path("work", "plan.json")
-    plan = {"inputs": [[f.path, f.rel] for f in files]}
+    plan: dict[str, Any] = {"inputs": [[f.path, f.rel] for f in files]}
+    if sets:  # the pipeline's evaluation data can change without the filter's config changing
+        plan["eval_sets"] = sets
     old = storage.read_json_or(path, None)
     if old is not None and old != plan:
         ctx.logger.warning("filter: input files changed since the interrupted run; starting over")
@@ -49,8 +51,18 @@ def _check_plan(ctx: StageContext, files: list[InputFile]) -> None:
         storage.write_json(path, plan)
 
 
-def _index(config: FilterConfig, ctx: StageContext) -> tuple[tuple[str, str] | None, dict[str, Any]]:
+def _eval_sets(config: FilterConfig, ctx: StageContext) -> dict[str, list[str]] | None:
+    """The evaluation sets to decontaminate against (``eval_files``, else the pipeline's own eval data)."""
     if config.decontaminate is None:
+        return None
+    from stages.filter.decontam import eval_sets
+
+    return eval_sets(config.decontaminate, ctx.eval_data)
+
+
+def _index(config: FilterConfig, ctx: StageContext,
+           sets: dict[str, list[str]] | None) -> tuple[tuple[str, str] | None, dict[str, Any]]:
+    if config.decontaminate is None or sets is None:
         return None, {}
     from stages.filter.decontam import build_index
 
@@ -58,7 +70,7 @@ def _index(config: FilterConfig, ctx: StageContext) -> tuple[tuple[str, str] | N
     info_path = ctx.path("work", "decontam_sets.json")
     info = storage.read_json_or(info_path, None)
     if info is None or not storage.exists(paths[1]):
-        index, info = build_index(config.decontaminate)
+        index, info = build_index(config.decontaminate, sets)
         index.save(*paths)
         storage.write_json(info_path, info)
     return paths, info
@@ -107,8 +119,9 @@ def _metrics(stats: dict[str, Any]) -> dict[str, float]:
 def run(config: FilterConfig, ctx: StageContext) -> dict[str, Any]:
     """Filter the input into ``ctx.out_dir``; returns the stats also written to stats.json."""
     files, text_field, id_field = find_inputs(config, ctx)
-    _check_plan(ctx, files)
-    index_paths, eval_sets = _index(config, ctx)
+    sets = _eval_sets(config, ctx)
+    _check_plan(ctx, files, sets)
+    index_paths, eval_sets = _index(config, ctx, sets)
     ctx.init_ray()
     import ray
 

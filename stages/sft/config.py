@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.preflight import GLOBS, MODEL_DIR
+from pipeline.preflight import EVAL_DATA, GLOBS, MODEL_DIR
 from stages.lm.train_config import TrainConfig, TrainingStageConfig, start_model_check
 
 
@@ -24,7 +24,7 @@ class SFTConfig(TrainingStageConfig):
         json_schema_extra=GLOBS)
     val: str | list[str] | None = Field(
         None, description="held-out file glob(s); default: val_fraction of the data (by content hash)",
-        json_schema_extra=GLOBS)
+        json_schema_extra={**GLOBS, **EVAL_DATA})
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share held out when `val` is not set")
     max_len: int = Field(2048, ge=8, le=1 << 20, description="tokens per row (an example, or a packed row)")
     packing: bool = Field(True, description="pack examples best-fit-decreasing into rows of max_len tokens")

@@ -177,7 +177,7 @@ def test_pii_masking_counts():
 
 
 def test_decontamination_index_formats(tmp_path):
-    from stages.filter.decontam import build_index
+    from stages.filter.decontam import build_index, eval_sets
 
     q = "Which standard library module provides tools for working with regular expression patterns in Python"
     (tmp_path / "mc.jsonl").write_text(json.dumps({"context": q, "choices": ["re", "os"]}) + "\n")
@@ -188,7 +188,8 @@ def test_decontamination_index_formats(tmp_path):
     (tmp_path / "chat.jsonl").write_text(json.dumps(chat) + "\n")
     pref = {"prompt": "short", "chosen": "a b", "rejected": "c"}
     (tmp_path / "pref.jsonl").write_text(json.dumps(pref) + "\n")
-    index, info = build_index(Decontaminate(eval_files=[str(tmp_path / "*.jsonl")]))
+    cfg = Decontaminate(eval_files=[str(tmp_path / "*.jsonl")])
+    index, info = build_index(cfg, eval_sets(cfg, {"evaluate.prompts": ["ignored: eval_files is set"]}))
     assert info["mc.jsonl"]["items"] == 1 and info["mc.jsonl"]["ngrams"] == len(q.split()) - 13 + 1
     assert info["pref.jsonl"]["ngrams"] == 0  # every text shorter than min_words
     hit = index.match("Intro. " + q.upper() + "? The answer is re.")
@@ -198,3 +199,26 @@ def test_decontamination_index_formats(tmp_path):
     assert index.match("You are a helpful assistant who answers every question about the library carefully") \
         is None  # system prompts are not evaluation items
     assert index.match("Nothing in common with any evaluation item, just ordinary training text.") is None
+
+
+def test_eval_sets_from_the_pipeline_when_eval_files_omitted(tmp_path):
+    from pipeline.config import validate_config
+    from pipeline.errors import ConfigError
+    from pipeline.preflight import eval_data
+    from stages.filter.decontam import eval_sets
+
+    for name in ("mc.jsonl", "prompts.jsonl", "val.jsonl"):
+        (tmp_path / name).write_text(json.dumps({"prompt": "x"}) + "\n")
+    cfg = validate_config({"name": "e", "workdir": str(tmp_path / "w"), "stages": {
+        "dedupe": {"input": str(tmp_path / "*.jsonl")}, "tokenize": {},
+        "pretrain": {}, "sft": {"data": str(tmp_path / "mc.jsonl"), "val": str(tmp_path / "val.jsonl")},
+        "evaluate": {"tasks": [{"name": "mc", "path": str(tmp_path / "mc.jsonl")}],
+                     "prompts": str(tmp_path / "prompts.jsonl")}}})
+    found = eval_data(cfg.stage_configs())
+    assert found == {"evaluate.tasks.0.path": [str(tmp_path / "mc.jsonl")],
+                     "evaluate.prompts": [str(tmp_path / "prompts.jsonl")],
+                     "sft.val": [str(tmp_path / "val.jsonl")]}
+    sets = eval_sets(Decontaminate(), found)
+    assert list(sets) == ["evaluate.prompts", "evaluate.tasks.0.path", "sft.val"]
+    with pytest.raises(ConfigError, match="stages.filter.decontaminate.eval_files.*no evaluation data"):
+        eval_sets(Decontaminate(), {})

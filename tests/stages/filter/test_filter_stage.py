@@ -179,3 +179,36 @@ def test_pipeline_dedupe_filter_tokenize(corpus, ray_address, tmp_path):
     assert fstats["docs_in"] == 61  # the exact duplicate never reaches the filter
     assert fstats["removed"]["language.languages"]["docs"] == 1
     assert tstats["docs"] == fstats["docs_out"] > 0
+
+
+def test_decontamination_against_the_pipelines_own_eval_data(corpus, ray_address, tmp_path):
+    """``eval_files`` omitted: the sets are the pipeline's evaluation-data fields, named by key path."""
+    evals = corpus["root"] / "eval"
+    cfg = {**corpus["cfg"], "decontaminate": {}}
+    ctx = _ctx(tmp_path / "out", ray_address)
+    ctx.eval_data = {"evaluate.tasks.0.path": [str(evals / "mc.jsonl")],
+                     "evaluate.prompts": [str(evals / "prompts.jsonl")]}
+    stats = run(FilterConfig(**cfg), ctx)
+    removed = [r for p in sorted((tmp_path / "out" / "removed").glob("*.parquet"))
+               for r in pq.read_table(p).to_pylist() if r["rule"] == "decontaminate"]
+    assert [r["text"] for r in removed] == [corpus["planted"]]
+    assert removed[0]["detail"].startswith("evaluate.tasks.0.path: which module of the standard library")
+    assert stats["decontaminated"] == {"evaluate.tasks.0.path": 1}
+    assert set(stats["eval_sets"]) == {"evaluate.tasks.0.path", "evaluate.prompts"}
+
+
+def test_evaluate_records_upstream_decontamination():
+    from stages.evaluate.lineage import decontamination
+
+    ctx = StageContext(name="evaluate", out_dir="/x", run_dir="/", fingerprint="f", inputs={},
+                       tracker=NullTracker(), progress=Progress(None), logger=logging.getLogger("t"))
+    ctx.eval_data = {"evaluate.tasks.0.path": ["/e/mc.jsonl"], "evaluate.prompts": ["/e/p.jsonl"]}
+    assert decontamination(ctx) == {"ran": False, "by": {},
+                                    "uncovered": ["evaluate.prompts", "evaluate.tasks.0.path"]}
+    ctx.extra = {"upstream": {"filter": {"type": "filter", "config": {"decontaminate": {"eval_files": None}}},
+                              "tokenize": {"type": "tokenize", "config": {}}}}
+    assert decontamination(ctx) == {"ran": True, "uncovered": [],
+                                    "by": {"filter": ["evaluate.prompts", "evaluate.tasks.0.path"]}}
+    ctx.extra["upstream"]["filter"]["config"]["decontaminate"]["eval_files"] = ["/e/mc*.jsonl"]
+    assert decontamination(ctx) == {"ran": True, "by": {"filter": ["/e/mc*.jsonl"]},
+                                    "uncovered": ["evaluate.prompts"]}
