@@ -81,15 +81,18 @@ def stage_types(run: dict[str, Any]) -> dict[str, str]:
     return {name: (sec or {}).get("type", name) for name, sec in stages.items()}
 
 
-def _hook_sections(dirs: dict[str, str], types: dict[str, str]) -> list[str]:
-    """Each stage type's own report section (its registered ``report`` hook), in run order."""
+def _hook_sections(dirs: dict[str, str], types: dict[str, str],
+                   run_dirs: dict[str, str] | None = None) -> list[str]:
+    """Each stage type's own report section (its registered ``report`` hook), in run order. A hook is
+    called as ``hook(instance, stage_dir, run_dirs)``: ``run_dirs`` maps every instance of the run to its
+    directory, so a section can read upstream stages' outputs (the filter's data funnel does)."""
     from pipeline import stage as stage_registry
 
     out = []
     for name, d in dirs.items():
         spec = stage_registry.registry().get(types.get(name, name))
         if spec is not None and spec.report:
-            out.append(stage_registry._load(spec.report)(name, d))
+            out.append(stage_registry._load(spec.report)(name, d, dict(run_dirs or dirs)))
     return [s for s in out if s]
 
 
@@ -202,10 +205,11 @@ def write_report(run_dir: str, out_path: str | None = None) -> str:
         _stages_section(dirs),
     ]
     types = stage_types(run)
-    data = [d for d in _hook_sections({n: d for n, d in dirs.items() if types.get(n) != "evaluate"}, types)]
+    data = [d for d in _hook_sections({n: d for n, d in dirs.items() if types.get(n) != "evaluate"}, types,
+                                      dirs)]
     body += data
     body.append(_training_section(dirs))
-    body += _hook_sections({n: d for n, d in dirs.items() if types.get(n) == "evaluate"}, types)
+    body += _hook_sections({n: d for n, d in dirs.items() if types.get(n) == "evaluate"}, types, dirs)
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>Seedline run {_e(name)}</title>"
         f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n"

@@ -14,7 +14,7 @@ def _scalars(stats: dict[str, Any]) -> list[list[str]]:
     ]
 
 
-def section(instance: str, d: str) -> str:
+def section(instance: str, d: str, dirs: dict[str, str] | None = None) -> str:
     """The dedupe stage's part of ``report.html``: documents kept and its statistics."""
     stats = storage.read_json_or(storage.join(d, "stats.json"), None)
     if not stats:

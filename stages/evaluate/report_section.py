@@ -11,7 +11,7 @@ from stages.evaluate.config import MODEL_STAGES
 from stages.evaluate.report_md import lower_is_better
 
 
-def section(instance: str, d: str) -> str:
+def section(instance: str, d: str, dirs: dict[str, str] | None = None) -> str:
     """The evaluate stage's part of ``report.html``: the comparison table, the registered model, charts."""
     results = storage.read_json_or(storage.join(d, "results.json"), None)
     if not results or not results.get("models"):

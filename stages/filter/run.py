@@ -91,10 +91,24 @@ def merge_stats(shards: list[dict[str, Any]], eval_sets: dict[str, Any]) -> dict
         for s in shards:
             total.update(s.get(key, {}))
         stats[key] = dict(sorted(total.items()))
+    stats["by_source"] = _merge_sources(shards)
     if eval_sets:
         stats["eval_sets"] = eval_sets
     stats["shards"] = len(shards)
     return stats
+
+
+def _merge_sources(shards: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per-source counts over the shards: documents and text bytes in and out, removals per rule."""
+    out: dict[str, dict[str, Any]] = {}
+    for s in shards:
+        for src, c in s.get("by_source", {}).items():
+            t = out.setdefault(src, {"docs_in": 0, "text_bytes_in": 0, "docs_out": 0, "text_bytes_out": 0,
+                                     "removed": Counter()})
+            for k in ("docs_in", "text_bytes_in", "docs_out", "text_bytes_out"):
+                t[k] += c[k]
+            t["removed"].update(c["removed"])
+    return {src: {**t, "removed": dict(sorted(t["removed"].items()))} for src, t in sorted(out.items())}
 
 
 def _samples(shards: list[dict[str, Any]], limit: int) -> dict[str, list[dict[str, Any]]]:
@@ -113,7 +127,17 @@ def _metrics(stats: dict[str, Any]) -> dict[str, float]:
         m[f"removed.{rule}.text_bytes"] = float(c["text_bytes"])
     for name, n in stats["decontaminated"].items():
         m[f"decontaminated.{name}"] = float(n)
+    for src, c in stats.get("by_source", {}).items():  # the data funnel, per source
+        name = _metric_name(src or "unknown")
+        for k in ("docs_in", "text_bytes_in", "docs_out", "text_bytes_out"):
+            m[f"source.{name}.{k}"] = float(c[k])
+        m[f"source.{name}.docs_removed"] = float(sum(c["removed"].values()))
     return m
+
+
+def _metric_name(text: str) -> str:
+    """A source value as an MLflow metric name part (letters, digits, _ - . / only)."""
+    return "".join(ch if ch.isalnum() or ch in "_-./" else "_" for ch in text)
 
 
 def run(config: FilterConfig, ctx: StageContext) -> dict[str, Any]:

@@ -65,10 +65,12 @@ def filter_shard(cfg: FilterConfig, shard: InputFile, out: str, text_field: str,
     langs: Counter[str] = Counter()
     decon: Counter[str] = Counter()
     stats = Counter()
+    by_source: dict[str, dict[str, Any]] = {}
     for rec in reader:
         o = rules(rec.text, rec.fields)
         nbytes = len(rec.text.encode("utf-8"))
         stats["text_bytes_in"] += nbytes
+        src = _source_counts(by_source, rec.fields.get(cfg.source_field), nbytes)
         stats["c4_lines_dropped"] += o.c4_lines_dropped
         if "language" in o.columns:
             langs[o.columns["language"]] += 1
@@ -78,7 +80,10 @@ def filter_shard(cfg: FilterConfig, shard: InputFile, out: str, text_field: str,
             stats["pii_emails"] += o.emails
             stats["pii_ips"] += o.ips
             stats["pii_docs"] += bool(o.emails or o.ips)
+            src["docs_out"] += 1
+            src["text_bytes_out"] += len(o.text.encode("utf-8"))
             continue
+        src["removed"][o.rule] = src["removed"].get(o.rule, 0) + 1
         gone.append((rec, o))
         r = removed.setdefault(o.rule, {"docs": 0, "text_bytes": 0})
         r["docs"] += 1
@@ -103,7 +108,7 @@ def filter_shard(cfg: FilterConfig, shard: InputFile, out: str, text_field: str,
                                       "pii_ips", "pii_docs")},
         "removed": dict(sorted(removed.items())), "languages": dict(sorted(langs.items())),
         "decontaminated": dict(sorted(decon.items())), "reject_reasons": _reasons(rejects),
-        "samples": samples,
+        "by_source": dict(sorted(by_source.items())), "samples": samples,
     }
     storage.write_json(marker(out, shard.index), result)
     return result
@@ -112,3 +117,13 @@ def filter_shard(cfg: FilterConfig, shard: InputFile, out: str, text_field: str,
 def _reasons(rejects: list[Reject]) -> dict[str, int]:
     out: Counter[str] = Counter(r.reason.split(":", 1)[0].split(";", 1)[0] for r in rejects)
     return dict(sorted(out.items()))
+
+
+def _source_counts(by_source: dict[str, dict[str, Any]], source: Any, nbytes: int) -> dict[str, Any]:
+    """The counters of one document's source (documents without one count as ""), its input counted."""
+    key = "" if source is None else str(source)
+    c = by_source.setdefault(key, {"docs_in": 0, "text_bytes_in": 0, "docs_out": 0, "text_bytes_out": 0,
+                                   "removed": {}})
+    c["docs_in"] += 1
+    c["text_bytes_in"] += nbytes
+    return c

@@ -6,7 +6,7 @@ from pipeline import storage
 from pipeline.report import _e, _num, _table
 
 
-def section(instance: str, d: str) -> str:
+def section(instance: str, d: str, dirs: dict[str, str] | None = None) -> str:
     """The tokenize stage's part of ``report.html``: splits, tokens, rows and shards."""
     manifest = storage.read_json_or(storage.join(d, "manifest.json"), None)
     if not manifest:
