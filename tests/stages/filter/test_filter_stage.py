@@ -212,3 +212,63 @@ def test_evaluate_records_upstream_decontamination():
     ctx.extra["upstream"]["filter"]["config"]["decontaminate"]["eval_files"] = ["/e/mc*.jsonl"]
     assert decontamination(ctx) == {"ran": True, "by": {"filter": ["/e/mc*.jsonl"]},
                                     "uncovered": ["evaluate.prompts"]}
+
+
+@pytest.mark.slow
+def test_pipeline_funnel_and_decontamination_from_evaluate_tasks(ray_address, tmp_path):
+    """dedupe -> filter -> tokenize on a few hundred real documents of two sources, the filter's
+    decontamination reading the pipeline's evaluate task (``eval_files`` omitted); the report's funnel."""
+    from pipeline.config import validate_config
+    from pipeline.report import write_report
+    from pipeline.runner import run_pipeline
+    from stages.filter.report_section import funnel_rows
+
+    texts = docstrings(300)
+    src = tmp_path / "corpus"
+    src.mkdir()
+    rows = [{"text": t, "source": "docs" if i % 3 else "web"} for i, t in enumerate(texts)]
+    rows[10]["text"] = texts[10] + "\n\n" + QUESTION + "? It is the os module.\n"
+    rows += [{"text": texts[0], "source": "web"}, {"text": FRENCH, "source": "web"}]
+    (src / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"text": broken\n')
+    task = tmp_path / "mc.jsonl"
+    task.write_text(json.dumps({"context": QUESTION, "choices": ["os", "sys"], "gold": 0}) + "\n")
+    cfg = validate_config({
+        "name": "funnel", "workdir": str(tmp_path / "runs"), "ray": {"address": ray_address},
+        "stages": {"dedupe": {"input": str(src / "*.jsonl")},
+                   "filter": {"language": {"languages": ["en"], "min_score": 0.0}, "decontaminate": {},
+                              "gopher_repetition": {"sources": ["web"]}},  # min_score 0: docstrings are short
+                   "tokenize": {"seq_len": 64, "val_fraction": 0.1,
+                                "tokenizer": {"train": {"vocab_size": 300, "sample_docs": 50}}},
+                   "pretrain": {}, "evaluate": {"tasks": [{"name": "mc", "path": str(task)}]}},
+    })
+    dirs: dict[str, str] = {}
+    for stage in ("dedupe", "filter", "tokenize"):  # the training stages are not needed here
+        result = run_pipeline(cfg, only=stage)
+        assert result.outcomes == {stage: "ran"}
+        dirs.update(result.stage_dirs)
+    fdir = Path(dirs["filter"])
+    fstats = json.loads((fdir / "stats.json").read_text())
+    assert fstats["decontaminated"] == {"evaluate.tasks.0.path": 1}
+    removed = [r for p in sorted((fdir / "removed").glob("*.parquet")) for r in pq.read_table(p).to_pylist()
+               if r["rule"] == "decontaminate"]
+    assert [r["source"] for r in removed] == ["docs"] and QUESTION in removed[0]["text"]
+    assert removed[0]["detail"].startswith("evaluate.tasks.0.path: which module")
+
+    dstats = json.loads((Path(dirs["dedupe"]) / "stats.json").read_text())
+    tstats = json.loads((Path(dirs["tokenize"]) / "stats.json").read_text())
+    table = {r[0]: r[1:] for r in funnel_rows(dstats, fstats, tstats)}
+    assert list(fstats["by_source"]) == ["docs", "web"]
+    assert table["documents in"][0] == len(rows) + 1 and table["rejected (malformed)"][0] == 1
+    assert table["exact duplicates"][0] == dstats["exact_duplicates"] >= 1
+    docs_in_filter = table["documents into filter"]
+    assert docs_in_filter[0] == docs_in_filter[1] + docs_in_filter[2] == fstats["docs_in"]
+    assert table["removed: language.languages"] == [1, 0, 1]  # the French document, source web
+    assert table["decontaminated"] == [1, 1, 0]
+    assert all(v[1] == 0 for k, v in table.items() if k.startswith("removed: gopher_repetition"))
+    removed_total = sum(v[0] for k, v in table.items() if k.startswith("removed: ")) + 1
+    assert table["documents out"][0] == fstats["docs_in"] - removed_total == tstats["docs"]
+    assert table["tokens out"][0] == tstats["tokens"] > 0
+
+    html = Path(write_report(result.run_dir)).read_text()
+    assert "Data funnel: filter" in html and "source docs" in html and "source web" in html
+    assert "Decontamination by evaluation set" in html and "evaluate.tasks.0.path" in html
