@@ -366,10 +366,14 @@ def ui(run_dir: str, port: int = 5000) -> None:
     import signal
 
     # One worker: a local UI needs no more, and uvicorn's supervisor of several kills a worker that is
-    # slow to answer its health ping (seen on a loaded 2-core machine).
+    # slow to answer its health ping (seen on a loaded 2-core machine). No GenAI job runner: it starts
+    # a dozen consumer processes a run browser never uses.
+    url = ui_url(uri, data, port)
+    typer.echo(f"MLflow: {url}  (Ctrl-C stops the server)", err=True)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              start_new_session=True)
+                              start_new_session=True, env=env)
 
     def stop(*_: object) -> None:  # the server and its workers go with us, on Ctrl-C or a SIGTERM
         with contextlib.suppress(ProcessLookupError):
@@ -381,7 +385,6 @@ def ui(run_dir: str, port: int = 5000) -> None:
         raise typer.Exit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    typer.echo(f"MLflow: {ui_url(uri, data, port)}  (Ctrl-C stops the server)", err=True)
     try:
         server.wait()
     except KeyboardInterrupt:
