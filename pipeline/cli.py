@@ -346,8 +346,8 @@ def ui_url(uri: str, run: dict, port: int) -> str:
     name = (cfg.get("tracking") or {}).get("experiment") or cfg.get("name")
     exp = MlflowClient(uri).get_experiment_by_name(name) if name else None
     base = f"http://127.0.0.1:{port}/"
-    return (f"{base}#/experiments/{exp.experiment_id}/runs?compareRunsMode=TABLE&workflowType=machine_learning"
-            if exp else f"{base}?workflowType=machine_learning")
+    view = "workflowType=machine_learning"  # the model-training sidebar, not the GenAI one
+    return f"{base}#/experiments/{exp.experiment_id}/runs?compareRunsMode=TABLE&{view}" if exp else base
 
 
 @app.command()
