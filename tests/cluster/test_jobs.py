@@ -162,13 +162,14 @@ def test_stopped_run_on_s3_resumes_to_identical_outputs(ray_head, local_run, cor
                             "--workdir", "s3://seedline/runs", env=env)
     assert sub.returncode == 0, sub.stderr
     job = _job_id(sub.stdout)
-    _wait_for_state(s3, "runs/demo/", "dedupe")
+    _wait_for_state(s3, "runs/store/", "dedupe")  # stage outputs live in the workdir's shared store
     stopped = ray_head.seedline("stop", job, "--address", ray_head.address)
     assert stopped.returncode == 0 and stopped.stdout.strip() == f"{job}: STOPPED", stopped.stderr
 
     run_dir = "s3://seedline/runs/demo"
     assert [j["job_id"] for j in storage.read_json(f"{run_dir}/jobs.json")] == [job]
-    statuses = {p: storage.read_json(p)["state"] for p in storage.glob(f"{run_dir}/*/status.json")}
+    store = "s3://seedline/runs/store"
+    statuses = {p: storage.read_json(p)["state"] for p in storage.glob(f"{store}/*/status.json")}
     assert "succeeded" not in {s for p, s in statuses.items() if "/tokenize-" in p}
 
     monkeypatch.setenv("RAY_AUTH_TOKEN", ray_head.token)
@@ -179,14 +180,14 @@ def test_stopped_run_on_s3_resumes_to_identical_outputs(ray_head, local_run, cor
     assert wait(client, again, timeout=180) == "SUCCEEDED", logs(client, again)
     assert "dedupe: resuming" in logs(client, again)
 
-    local = local_run["run_dir"]
+    local = local_run["run_dir"].parent / "store"
     storage.fs_for(run_dir)[0].invalidate_cache()  # the job wrote there since this process listed it
-    assert sorted(storage.listdir(run_dir)) == sorted(p.name for p in local.iterdir()), "same stage dirs"
+    assert sorted(storage.listdir(store)) == sorted(p.name for p in local.iterdir()), "same stage dirs"
     compared = 0
     for f in sorted(local.rglob("*")):
         rel = f.relative_to(local).as_posix()
         outputs = f.suffix in (".parquet", ".arrow") or f.name in ("manifest.json", "tokenizer.json")
         if outputs and "/work/" not in rel:  # work/ holds markers with timings
-            assert storage.read_bytes(f"{run_dir}/{rel}") == f.read_bytes(), rel
+            assert storage.read_bytes(f"{store}/{rel}") == f.read_bytes(), rel
             compared += 1
     assert compared >= 6
