@@ -211,12 +211,29 @@ def _submit(address: str, token: auth.Token | None, cfg: PipelineConfig, data: d
     with tempfile.TemporaryDirectory(prefix="seedline-job-") as tmp:
         wd = package.build_working_dir(Path(tmp) / "wd", root, {config_rel: config_text}, skip)
         with translate_errors(address):
-            client.submit_job(entrypoint=entrypoint, submission_id=job_id, metadata=metadata,
-                              runtime_env={"working_dir": str(wd), "env_vars": env_vars})
+            _submit_when_ready(client, entrypoint=entrypoint, submission_id=job_id, metadata=metadata,
+                               runtime_env={"working_dir": str(wd), "env_vars": env_vars})
     record_job(run_dir, {"job_id": job_id, "address": _redact_url(address), "submitted": time.time(),
                          "entrypoint": entrypoint, "config": config_copy, "kind": kind})
     names = sorted(k for k in env_vars if k != "RAY_OVERRIDE_JOB_RUNTIME_ENV")
     return Submission(job_id, address, run_dir, entrypoint, names, warnings)
+
+
+AGENT_WAIT_S = 90.0
+
+
+def _submit_when_ready(client, **job) -> None:
+    """Submit, waiting while the head's job agent is not up yet (a cluster that just started answers
+    "No available agent to submit job, please try again later"); any other error is raised at once."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            client.submit_job(**job)
+            return
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def _forget_listings(run_dir: str) -> None:
