@@ -56,9 +56,19 @@ def order(cfg: PipelineConfig) -> list[Node]:
     for n in instances:
         visit(n)
     nodes: dict[str, Node] = {}
+    pipeline_eval = None
     for n in done:
         inst = instances[n]
-        ups = {slot: [nodes[d].fingerprint for d in names] for slot, names in inst.bound.items() if names}
+        ups: dict[str, object] = {slot: [nodes[d].fingerprint for d in names]
+                                  for slot, names in inst.bound.items() if names}
+        reads_eval = getattr(inst.config, "uses_pipeline_eval_data", None)
+        if callable(reads_eval) and reads_eval():
+            # Its output depends on other stages' evaluation files (decontamination): they are inputs too.
+            if pipeline_eval is None:
+                from pipeline.preflight import eval_data
+
+                pipeline_eval = eval_data({k: v.config for k, v in instances.items()})
+            ups["eval_data"] = dict(sorted(pipeline_eval.items()))
         named = {inst.spec.inputs[slot].config_key for slot, names in inst.bound.items() if names}
         fp = stage_fingerprint(inst.spec.version, inst.config, ups, type_=inst.type,
                                neutral=named - {None})

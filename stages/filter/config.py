@@ -155,6 +155,11 @@ class FilterConfig(StrictModel):
     sample_per_rule: int = volatile(20, ge=0, description="removed documents per rule shown in MLflow")
     num_workers: int | None = volatile(None, ge=1, description="concurrent Ray tasks (default: cluster CPUs)")
 
+    def uses_pipeline_eval_data(self) -> bool:
+        """Decontaminating against the pipeline's own evaluation data: the core then counts those files
+        as inputs of this stage (in its fingerprint)."""
+        return self.decontaminate is not None and not self.decontaminate.eval_files
+
     @model_validator(mode="after")
     def _check(self) -> FilterConfig:
         if isinstance(self.input, list) and not self.input:

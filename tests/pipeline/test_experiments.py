@@ -328,3 +328,14 @@ def test_run_ends_with_a_summary_and_the_next_commands(tmp_path):
     assert [line.split()[:2] for line in tail[1:4]] == [["x_src", "ran"], ["x_tok", "ran"], ["m", "ran"]]
     assert f"seedline ui {run_dir}" in out.stderr and f"seedline report {run_dir}" in out.stderr
     assert "from_pretrained" not in out.stderr  # no stage exported a Hugging Face model
+
+
+def test_decontamination_against_the_pipelines_eval_data_is_part_of_the_fingerprint(tmp_path):
+    def fp(task_path: str) -> str:
+        cfg = validate_config({"name": "d", "workdir": str(tmp_path / "w"), "stages": {
+            "filter": {"input": "x.jsonl", "decontaminate": {}},
+            "tokenize": {}, "pretrain": {},
+            "evaluate": {"tasks": [{"name": "mc", "path": task_path}]}}})
+        return {n.name: n.fingerprint for n in order(cfg)}["filter"]
+
+    assert fp("a.jsonl") != fp("b.jsonl")  # other evaluation data: the filter runs again
