@@ -48,6 +48,11 @@ demo: .venv/.installed
 test: .venv/.installed
 	.venv/bin/python -m pytest -q
 
+# The 3-node Ray cluster tests (seedline submit, s3:// workdir, node loss, driver loss).
+.PHONY: test-multinode
+test-multinode: .venv/.installed
+	.venv/bin/python -m pytest -q -m multinode tests/multinode
+
 # A 3-node Ray cluster (head + 2 workers, 1 CPU each), a moto S3 endpoint and an MLflow server on
 # 127.0.0.1, state in .seedline-cluster/; cluster-up prints the variables to export.
 .PHONY: cluster-up cluster-down
