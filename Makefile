@@ -6,7 +6,7 @@ LOCK := requirements/lock.txt
 # Where the CPU build of torch lies (this machine kind's wheel folder): installed from there, and
 # `make lock` resolves torch's own dependencies against it.
 TORCH_WHEELS ?= /opt/wheels
-UVPIP = $(UV) pip install -q --python $(PY) --no-deps
+UVPIP = $(UV) pip install -q --python $(PY) --no-deps --compile-bytecode
 export DS_ACCELERATOR := cpu
 
 # The environment is the lock file, installed as it is (no resolving at install time):
@@ -16,6 +16,8 @@ export DS_ACCELERATOR := cpu
 # 3. deepspeed is built against that environment (no build isolation), with its CPU shared-memory
 #    communication op compiled now (DS_BUILD_SHM_COMM) rather than at the first training run;
 # 4. Seedline itself, editable; then a consistency check and a guard against CUDA packages.
+# Bytecode is compiled at install (as pip does): Ray starts its processes with -B, so without .pyc files
+# every raylet agent compiles its imports at each start and misses Ray's 15 s agent deadline.
 .venv/.installed: $(LOCK) pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install -q uv==$(UV_VERSION)
