@@ -152,9 +152,10 @@ def _newest_run(workdir: str) -> str:
 def _rows(run_dir: str) -> list[dict]:
     """One row per stage instance, in pipeline order, with its live health (``pipeline.health``)."""
     from pipeline.health import classify
+    from pipeline.preflight import read_run_json
     from pipeline.state import lease_alive, read_lease, read_progress, read_status, recorded_stage_dirs
 
-    data = storage.read_json_or(storage.join(run_dir, "run.json"), None)
+    data = read_run_json(run_dir)  # a corrupt one is a one-line error naming the file
     if data is None:
         raise ConfigError("RUN_DIR", f"no run.json in {run_dir}")
     rows, now = [], time.time()
