@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from pipeline import storage
+from pipeline.redact import redact_obj
 
 ARTIFACT_LIMIT = 256 << 20
 
@@ -40,7 +41,7 @@ def open_parent(tracking: Any, run_id: str, name: str, attempt: int, config: dic
     tracking.client.update_run(run_id, name=label)
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "pipeline.yaml"
-        p.write_text(yaml.safe_dump(config, sort_keys=False))
+        p.write_text(yaml.safe_dump(redact_obj(config), sort_keys=False))  # no credentials, ever
         tracking.client.log_artifact(run_id, str(p))
 
 
