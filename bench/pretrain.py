@@ -69,7 +69,7 @@ def anchor_tokens_per_s(task, args) -> float:
 
 def seedline_perf(data: str, workers: int, args, use_gpu: bool) -> dict[str, float]:
     """Run the pretrain stage for ``args.steps`` steps; median tokens/s (and MFU when known)."""
-    from pipeline.stage import Progress, StageContext, Upstream
+    from pipeline.stage import Progress, StageContext, handle
     from pipeline.tracking import NullTracker
     from stages.pretrain.config import PretrainConfig
     from stages.pretrain.run import run
@@ -82,7 +82,7 @@ def seedline_perf(data: str, workers: int, args, use_gpu: bool) -> dict[str, flo
     with tempfile.TemporaryDirectory(prefix="seedline-bench-") as tmp:
         ctx = StageContext(name="pretrain", out_dir=str(Path(tmp) / "pretrain"), run_dir=tmp,
                            fingerprint="bench",
-                           upstream={"tokenize": Upstream("tokenize", data, "bench", {})},
+                           inputs={"data": [handle("tokenize", data, "shards", fingerprint="bench")]},
                            tracker=NullTracker(), progress=Progress(None), logger=logging.getLogger("bench"),
                            ray_num_cpus=max(2, workers))
         run(cfg, ctx)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 from typing import Any
 
 from stages.lm.train_config import DeepSpeedSpec, TrainConfig
@@ -66,8 +67,11 @@ def lr_factor(train: TrainConfig):
 
 
 class _Factor:
+    # LambdaLR.state_dict() pickles a callable object's __dict__ into every checkpoint, and checkpoints
+    # load with weights_only=True: keep only plain numbers here, never the TrainConfig itself.
     def __init__(self, train: TrainConfig):
-        self.train = train
+        self.schedule = {k: getattr(train, k) for k in ("lr", "min_lr", "warmup", "steps")}
 
     def __call__(self, step: int) -> float:
-        return lr_at(self.train, step) / self.train.lr
+        s = self.schedule
+        return lr_at(SimpleNamespace(**s), step) / s["lr"]

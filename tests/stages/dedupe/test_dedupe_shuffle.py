@@ -3,7 +3,6 @@ text (standard library sources with planted near-duplicates), and the size thres
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import random
@@ -33,11 +32,9 @@ def ray_address():
 
 
 def _ctx(out: Path, address: str) -> StageContext:
-    fields = {f.name for f in dataclasses.fields(StageContext)}
-    links = {"inputs": {}} if "inputs" in fields else {"upstream": {}}
     return StageContext(name="dedupe", out_dir=str(out), run_dir=str(out.parent), fingerprint="test",
-                        tracker=NullTracker(), progress=Progress(None), logger=logging.getLogger("test"),
-                        ray_address=address, **links)
+                        inputs={}, tracker=NullTracker(), progress=Progress(None),
+                        logger=logging.getLogger("test"), ray_address=address)
 
 
 def _mutate(text: str, changes: int, rng: random.Random) -> str:

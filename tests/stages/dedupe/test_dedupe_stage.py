@@ -70,7 +70,7 @@ def ray_address(s3_endpoint):
 
 def _ctx(out: Path, address: str | None = None) -> StageContext:
     return StageContext(name="dedupe", out_dir=str(out), run_dir=str(out.parent), fingerprint="test",
-                        upstream={}, tracker=NullTracker(), progress=Progress(None),
+                        inputs={}, tracker=NullTracker(), progress=Progress(None),
                         logger=logging.getLogger("test"), ray_address=address)
 
 
@@ -258,7 +258,7 @@ from pipeline.tracking import NullTracker
 from stages.dedupe.config import DedupeConfig
 from stages.dedupe.run import run
 out, glob, address = sys.argv[1:4]
-ctx = StageContext(name="dedupe", out_dir=out, run_dir=str(Path(out).parent), fingerprint="t", upstream={},
+ctx = StageContext(name="dedupe", out_dir=out, run_dir=str(Path(out).parent), fingerprint="t", inputs={},
                    tracker=NullTracker(), progress=Progress(None), logger=logging.getLogger("t"),
                    ray_address=address)
 run(DedupeConfig(input=glob, id_field="doc", batch_docs=50), ctx)
@@ -324,5 +324,5 @@ def test_object_store_input_and_output(planted, s3_endpoint):
 
 def _ctx_url(out: str) -> StageContext:
     return StageContext(name="dedupe", out_dir=out, run_dir=out.rsplit("/", 1)[0], fingerprint="test",
-                        upstream={}, tracker=NullTracker(), progress=Progress(None),
+                        inputs={}, tracker=NullTracker(), progress=Progress(None),
                         logger=logging.getLogger("test"))

@@ -118,7 +118,7 @@ def test_killed_in_memory_run_resumes_to_the_precomputed_runs_bytes(dpo_assets, 
               "from pipeline.stage import Progress, StageContext; from pipeline.tracking import NullTracker\n"
               "out = Path(sys.argv[1])\n"
               "ctx = StageContext(name='dpo', out_dir=str(out), run_dir=str(out.parent), fingerprint='t', "
-              "upstream={}, tracker=NullTracker(), progress=Progress(None), logger=logging.getLogger('t'), "
+              "inputs={}, tracker=NullTracker(), progress=Progress(None), logger=logging.getLogger('t'), "
               "ray_address=sys.argv[3])\n"
               "run(DPOConfig(**json.loads(sys.argv[2])), ctx)\n")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "SEEDLINE_TRAIN_KILL_AT_STEP": "2"}

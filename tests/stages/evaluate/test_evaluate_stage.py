@@ -241,7 +241,7 @@ def test_multiple_choice_matches_a_direct_computation(setup):
 def test_preference_metrics_match_a_direct_computation(setup):
     from stages.evaluate.preference import load_requests
 
-    reqs = load_requests(str(setup["root"] / "dpo"), None)
+    reqs = load_requests(str(setup["root"] / "dpo" / "pairs" / "val.arrow"), None)
     logps = {}
     for stage in ("sft", "dpo"):
         hf = _hf(setup["root"] / stage / "model")

@@ -162,9 +162,10 @@ def test_config_errors_name_the_field(inputs):
     from stages.sft.config import check
 
     with pytest.raises(ConfigError, match="init_from"):
-        check(SFTConfig(data="x"), {"tokenize"})
+        check(SFTConfig(data="x"), {"tokenizer": ["tokenize"]})
     with pytest.raises(ConfigError, match="remove stages.sft.init_from"):
-        check(SFTConfig(data="x", init_from="m"), {"pretrain"})
+        check(SFTConfig(data="x", init_from="m"), {"model": ["pretrain"]})
+    check(SFTConfig(data="x", init_from="pretrain"), {"model": ["pretrain"]})  # names the instance: fine
     cfg = SFTConfig(data="x", train={"steps": 50})
     assert cfg.train.lr == 2e-5 and cfg.train.steps == 50  # a partial train block keeps the sft defaults
     with pytest.raises(ValueError, match="truncation"):

@@ -230,7 +230,7 @@ def test_saved_tokenizer_loads_in_transformers(packed):
 _RESUME_SCRIPT = """
 import json, logging, sys
 from pathlib import Path
-from pipeline.stage import Progress, StageContext, Upstream
+from pipeline.stage import Progress, StageContext, handle
 from pipeline.tracking import NullTracker
 from stages.tokenize.config import TokenizeConfig
 from stages.tokenize.run import run
