@@ -1,6 +1,7 @@
 """Content addresses for stage outputs: ``<stage>-<first 10 hex of sha256(version, config, upstream)>``.
 
-Fields marked ``volatile`` (logging intervals, display) are left out, so changing them re-runs nothing.
+Fields marked ``volatile`` (logging intervals, display) are left out, so changing them re-runs nothing;
+fields marked ``added`` (introduced after outputs existed) are left out while they hold their default.
 The stage's code is not hashed: a behaviour change is signalled by bumping the stage's version.
 """
 
@@ -20,7 +21,10 @@ def result_fields(model: BaseModel) -> dict[str, Any]:
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         if extra.get("volatile"):
             continue
-        out[name] = _plain(getattr(model, name))
+        value = _plain(getattr(model, name))
+        if extra.get("omit_default") and value == _plain(info.get_default(call_default_factory=True)):
+            continue  # a field added later, at its default: old fingerprints stay valid
+        out[name] = value
     return out
 
 

@@ -37,13 +37,52 @@ class HealthRules:
         return asdict(self)
 
 
+class LossSpikes:
+    """The loss-spike rule, fed one loss per step: a loss above ``spike_factor`` times the median of the last
+    ``spike_window`` normal losses (after ``warmup_steps`` of them) is a spike, and a spike does not move
+    that median; ``spike_steps`` spikes in a row are a divergence. Training workers keep one in their
+    checkpoints (``state_dict``) so a resumed run judges exactly as an uninterrupted one."""
+
+    def __init__(self, rules: HealthRules, losses: list[float] | None = None, run: int = 0):
+        self.rules = rules
+        self.losses = list(losses or [])
+        self.run = run  # consecutive spikes so far
+
+    def median(self) -> float | None:
+        """The median the next loss is judged against (None while warming up)."""
+        r = self.rules
+        if len(self.losses) < r.warmup_steps:
+            return None
+        return statistics.median(self.losses[-r.spike_window:])
+
+    def is_spike(self, loss: float) -> bool:
+        """Whether ``loss`` would be a spike (nothing recorded)."""
+        median = self.median()
+        return median is not None and (loss != loss or loss > self.rules.spike_factor * median)
+
+    def add(self, loss: float) -> bool:
+        """Record one step's loss; whether it was a spike."""
+        spike = self.is_spike(loss)
+        self.run = self.run + 1 if spike else 0
+        if not spike:
+            self.losses = (self.losses + [loss])[-self.rules.spike_window:]
+        return spike
+
+    @property
+    def diverging(self) -> bool:
+        return self.run >= self.rules.spike_steps
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": list(self.losses), "run": self.run}
+
+
 class Observer:
     """Per-process history behind ``observe`` (rank 0 of a training stage, or the driver)."""
 
     def __init__(self, rules: HealthRules):
         self.rules = rules
         self.advances: list[float] = []
-        self.losses: list[float] = []
+        self.spikes = LossSpikes(rules)
         self.last_mark: tuple[Any, float] | None = None
         self.last_tokens: tuple[float, float] | None = None
 
@@ -68,16 +107,12 @@ class Observer:
         state["health_rules"] = self.rules.as_dict()
 
     def _loss(self, state: dict[str, Any], loss: float) -> None:
-        r = self.rules
-        if len(self.losses) >= r.warmup_steps:
-            median = statistics.median(self.losses[-r.spike_window:])
+        median = self.spikes.median()
+        self.spikes.add(loss)
+        if median is not None:
             state["loss_median"] = round(median, 4)
-            spike = loss != loss or loss > r.spike_factor * median  # NaN counts as a spike
-            state["spike_run"] = state.get("spike_run", 0) + 1 if spike else 0
-            state["diverging"] = state["spike_run"] >= r.spike_steps
-            if spike:
-                return  # a spike does not move the median it is judged against
-        self.losses = (self.losses + [loss])[-r.spike_window:]
+            state["spike_run"] = self.spikes.run
+            state["diverging"] = self.spikes.diverging
 
 
 def classify(state: str, progress: dict[str, Any], now: float) -> str:
@@ -89,6 +124,12 @@ def classify(state: str, progress: dict[str, Any], now: float) -> str:
     rules = HealthRules(**(progress.get("health_rules") or {}))
     median = progress.get("median_step_s")
     last = progress.get("advanced") or progress.get("updated")
-    if median and last and now - last > max(rules.stall_factor * median, rules.stall_min_s):
-        return "stalled"
-    return state
+    if not last:
+        return state
+    if median:
+        limit = max(rules.stall_factor * median, rules.stall_min_s)
+    elif progress.get("unit") == "steps" and progress.get("step"):
+        limit = rules.stall_min_s  # training that stopped before a step time was written (fast steps)
+    else:
+        return state
+    return "stalled" if now - last > limit else state

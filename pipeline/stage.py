@@ -66,6 +66,14 @@ def deep_merge(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def added(default: Any = None, **kwargs: Any) -> Any:
+    """A config field added after stage outputs already exist: left out of fingerprints while it holds
+    its default, so existing store entries stay valid (a changed value still re-runs the stage)."""
+    extra = dict(kwargs.pop("json_schema_extra", None) or {})
+    extra["omit_default"] = True
+    return Field(default, json_schema_extra=extra, **kwargs)
+
+
 def volatile(default: Any = None, **kwargs: Any) -> Any:
     """A config field that does not change results (log intervals, display): left out of fingerprints."""
     extra = dict(kwargs.pop("json_schema_extra", None) or {})

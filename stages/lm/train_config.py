@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from pipeline.errors import ConfigError
-from pipeline.stage import StrictModel, volatile
+from pipeline.stage import StrictModel, added, volatile
 
 
 class TrainConfig(StrictModel):
@@ -35,6 +35,10 @@ class TrainConfig(StrictModel):
     eps: float = Field(1e-8, gt=0)
     nan_policy: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss stops training (naming the step) or skips that micro-batch")
+    skip_data: list[tuple[int, int]] = added(
+        [], description="[first, last] step ranges (1-based) whose data is skipped: before optimizer step "
+                        "`first` the micro-batches of steps first..last are passed over (what a health "
+                        "rollback does, written out to reproduce it from the start)")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -45,6 +49,9 @@ class TrainConfig(StrictModel):
         for b in self.betas:
             if not 0 <= b < 1:
                 raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+        for first, last in self.skip_data:
+            if not 1 <= first <= last:
+                raise ValueError(f"skip_data: [{first}, {last}] is not a range of steps (1 <= first <= last)")
         return self
 
 
@@ -91,6 +98,35 @@ class EvalConfig(StrictModel):
     batches: int = Field(8, gt=0)
 
 
+class HealthConfig(StrictModel):
+    """When a training stage counts as stalled or diverging, and what then happens.
+
+    Stalled: a worker sent no heartbeat, or no rank advanced a step, for ``stall_factor`` median step
+    times (at least ``stall_min_s``). ``on_stall: fail`` kills the stalled worker so Ray Train restarts the
+    group from the newest checkpoint (``scaling.max_failures``). A loss spike: the step's loss (mean over
+    ranks) above ``spike_factor`` times the median of the last ``spike_window`` normal steps, judged after
+    ``warmup_steps`` steps; ``spike_steps`` spikes in a row are a divergence. ``on_spike``: ``warn`` logs;
+    ``skip_batch`` drops every spiking micro-batch before its backward; ``rollback`` reloads the newest
+    complete checkpoint at a divergence and skips the data since it (at most ``max_rollbacks`` times);
+    ``fail`` stops the stage at a divergence.
+    """
+
+    stall_factor: float = volatile(10.0, gt=1)
+    stall_min_s: float = volatile(60.0, gt=0)
+    on_stall: Literal["warn", "fail"] = volatile("warn")
+    spike_factor: float = Field(2.0, gt=1)
+    spike_window: int = Field(50, ge=1)
+    spike_steps: int = Field(3, ge=1)
+    warmup_steps: int = Field(10, ge=1)
+    on_spike: Literal["warn", "skip_batch", "rollback", "fail"] = "warn"
+    max_rollbacks: int = Field(3, ge=0)
+
+    def rules(self) -> dict[str, Any]:
+        """The thresholds as ``pipeline.health.HealthRules`` fields (what ``seedline status`` judges by)."""
+        keys = ("stall_factor", "stall_min_s", "spike_factor", "spike_window", "spike_steps", "warmup_steps")
+        return {k: getattr(self, k) for k in keys}
+
+
 class TrainingStageConfig(StrictModel):
     """The sections every training stage has; ``fit`` takes this type. Subclasses add their data fields
     and re-declare a section with a default instance to set the stage's own defaults."""
@@ -101,6 +137,7 @@ class TrainingStageConfig(StrictModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
     log_every: int = volatile(10, ge=1, description="steps between MLflow metric points and log lines")
+    health: HealthConfig = added(HealthConfig())
 
 
 def start_model_check(stage: str, upstream: str) -> Callable[[BaseModel, dict[str, list[str]]], None]:
@@ -109,9 +146,15 @@ def start_model_check(stage: str, upstream: str) -> Callable[[BaseModel, dict[st
     names."""
 
     def check(config: BaseModel, bound: dict[str, list[str]]) -> None:
-        if not bound.get("model") and not config.init_from:
+        model = bound.get("model") or []
+        if not model and not config.init_from:
             raise ConfigError(f"stages.{stage}.init_from",
                               f"required when the pipeline has no {upstream} stage: a Hugging Face model "
                               "directory or the name of a stage instance that outputs a model")
+        if model and config.init_from and model != [config.init_from]:
+            # a directory in init_from while an upstream instance is bound: two starting models
+            raise ConfigError(f"stages.{stage}.init_from",
+                              f"the pipeline has the {upstream} stage '{model[0]}', whose model this stage "
+                              f"starts from; remove stages.{stage}.init_from, or set it to an instance name")
 
     return check

@@ -1,7 +1,8 @@
 """Where rank 0's training metrics go: ``metrics.jsonl``, ``perf.jsonl``, MLflow, stage progress.
 
 ``metrics.jsonl`` holds one line per optimizer step (``step``, ``loss``, ``lr``, ``grad_norm``,
-``tokens``, the task's extras) and one per validation (``step`` plus ``eval_*``): values that depend only
+``tokens``, the task's extras), one per validation (``step`` plus ``eval_*``) and one per health event
+(``step``, ``event``: spike, diverging, rollback, stall, with its details): values that depend only
 on the config and data, so a resumed run's file is byte-identical to an uninterrupted run's (on resume
 the lines after the checkpoint's step are dropped). Timing (``tokens_per_s``, ``mfu``, ``step_time_s``)
 goes to ``perf.jsonl``. MLflow gets both, every ``log_every`` steps (validation always).
@@ -18,11 +19,16 @@ from typing import Any
 import torch
 
 
-def truncate_jsonl(path: Path, upto_step: int) -> None:
-    """Keep only the lines with ``step <= upto_step`` (atomically); nothing if the file is missing."""
+def truncate_jsonl(path: Path, upto_step: int, keep_events: bool = False) -> None:
+    """Keep only the lines with ``step <= upto_step`` (and, with ``keep_events``, every health event line)
+    atomically; nothing if the file is missing."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= upto_step]
+    keep = []
+    for ln in path.read_text().splitlines():
+        row = json.loads(ln) if ln else None
+        if row is not None and (row["step"] <= upto_step or (keep_events and "event" in row)):
+            keep.append(ln)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("".join(ln + "\n" for ln in keep))
     os.replace(tmp, path)
@@ -52,6 +58,7 @@ class MetricsSink:
         self.logger_name = logger_name
         self._files = {p: open(p, "a") for p in (self.metrics_path, self.perf_path)}  # noqa: SIM115 (closed in close())
         self._step_times: list[float] = []
+        self._events: dict[str, int] = {}
 
     def _write(self, path: Path, record: dict[str, Any]) -> None:
         f = self._files[path]
@@ -72,6 +79,28 @@ class MetricsSink:
             logging.getLogger(self.logger_name).info(
                 "step %d/%d loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f", step, self.total_steps,
                 metrics["loss"], metrics["lr"], metrics["grad_norm"], perf["tokens_per_s"])
+
+    def event(self, record: dict[str, Any], message: str) -> None:
+        """A health event (``record`` has ``step`` and ``event``): a ``metrics.jsonl`` line, a warning on
+        the console, an MLflow tag (``health.<event>``: the message) and a metric (``health/<event>``: how
+        many so far)."""
+        self._write(self.metrics_path, record)
+        self._events[record["event"]] = self._events.get(record["event"], 0) + 1
+        logging.getLogger(self.logger_name).warning("%s", message)
+        self.tracker.set_tags({f"health.{record['event']}": message[:5000]})
+        self.tracker.log_metrics({f"health/{record['event']}": float(self._events[record["event"]])},
+                                 step=record["step"])
+
+    def note(self, record: dict[str, Any]) -> None:
+        """A health event the driver already reported (console, MLflow): the ``metrics.jsonl`` line only."""
+        self._write(self.metrics_path, record)
+
+    def rewind(self, step: int) -> None:
+        """After a rollback to checkpoint ``step``: drop the later metric lines, keep the event lines."""
+        for path, f in list(self._files.items()):
+            f.close()
+            truncate_jsonl(path, step, keep_events=True)
+            self._files[path] = open(path, "a")  # noqa: SIM115 (closed in close())
 
     def eval(self, step: int, metrics: dict[str, float]) -> None:
         self._write(self.metrics_path, {"step": step, **metrics})

@@ -19,9 +19,11 @@ from typing import Any
 import numpy as np
 
 from stages.lm import checkpoint as ckpt
+from stages.lm import faults
 from stages.lm.ckpt_store import CheckpointStore
 from stages.lm.ds_config import ds_config, lr_at, lr_factor
 from stages.lm.flops import flops_per_token, mfu
+from stages.lm.health_guard import Diverged, SpikeGuard, config_skips, skip_steps
 from stages.lm.train_metrics import MetricsSink, mean_over_ranks
 
 ERROR_FILE = "train_error.json"
@@ -128,10 +130,18 @@ def _resume(engine, loader, env: WorkerEnv) -> dict[str, Any]:
     dist.barrier()
     found = store.newest()
     if found is None:
-        return {"step": 0, "tokens": 0, "consumed_samples": 0}
-    step, name, marker = found
+        return {"step": 0, "tokens": 0, "consumed_samples": 0, "health": None}
     if env.rank == 0:
         store.fetch_metrics()
+    return _load(engine, loader, env, found)
+
+
+def _load(engine, loader, env: WorkerEnv, found: tuple[int, str, dict[str, Any]]) -> dict[str, Any]:
+    """Load checkpoint ``found`` (``store.newest()``) into the engine, loader and RNGs; its trainer state."""
+    import torch.distributed as dist
+
+    store = env.store
+    _, name, marker = found
     root = store.fetch(name)
     path = root / name
     if marker["world_size"] != env.world:
@@ -149,7 +159,7 @@ def _resume(engine, loader, env: WorkerEnv) -> dict[str, Any]:
     ckpt.load_rng(path, env.rank)
     dist.barrier()  # every rank of this node has read the restore copy
     store.release()
-    return {k: client[k] for k in ("step", "tokens", "consumed_samples")}
+    return {**{k: client[k] for k in ("step", "tokens", "consumed_samples")}, "health": client.get("health")}
 
 
 def _all_finite(value, device) -> bool:
@@ -179,13 +189,13 @@ def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
-def _train_step(engine, loader, lc: dict[str, Any], env: WorkerEnv, step: int
+def _train_step(engine, loader, lc: dict[str, Any], env: WorkerEnv, step: int, guard: SpikeGuard
                 ) -> tuple[dict[str, float], int, int]:
     """One optimizer step (1-based ``step``) of ``grad_accum`` micro-batches. Returns (metrics averaged over
     micro-batches and ranks, tokens of all ranks, the batches' sequence length)."""
     task, train = lc["task"], lc["train"]
     sums: dict[str, float] = {}
-    tokens = skipped = done = 0
+    tokens = skipped = spiked = done = 0
     gn0 = None
     while done < train.grad_accum:
         batch = _to_device(next(loader), env.device)
@@ -196,6 +206,13 @@ def _train_step(engine, loader, lc: dict[str, Any], env: WorkerEnv, step: int
             skipped += 1
             if skipped > 10 * train.grad_accum:
                 raise NonFiniteLoss(step, f"loss in {skipped} consecutive micro-batches")
+            continue
+        if guard.action == "skip_batch" and guard.drops(mean_over_ranks({"l": float(loss.detach())},
+                                                                        env.device)["l"]):
+            spiked += 1  # health.on_spike: skip_batch; no backward, so no update from it
+            if spiked > 10 * train.grad_accum:
+                raise Diverged(step, f"the loss spiked in {spiked} consecutive micro-batches at step {step} "
+                                     "(health.on_spike: skip_batch); stopped")
             continue
         engine.backward(loss)
         if done == train.grad_accum - 1 and lc["deepspeed"].zero_stage == 0:
@@ -214,6 +231,8 @@ def _train_step(engine, loader, lc: dict[str, Any], env: WorkerEnv, step: int
     metrics |= {"lr": lr_at(train, step - 1), "grad_norm": gn}
     if skipped:
         metrics["skipped_batches"] = float(skipped)
+    if spiked:
+        metrics["spike_skipped_batches"] = float(spiked)
     return metrics, tokens, int(batch["input_ids"].shape[1])
 
 
@@ -239,6 +258,8 @@ def _evaluate(engine, lc: dict[str, Any], env: WorkerEnv) -> dict[str, float]:
 
 
 def _save(engine, loader, env: WorkerEnv, state: dict[str, Any], keep: int) -> None:
+    """Checkpoint ``state`` (step, tokens, consumed samples, the spike guard's history) with the engine,
+    the loader position and every rank's RNGs; the marker last."""
     import torch.distributed as dist
 
     store = env.store
@@ -278,18 +299,6 @@ def _export(engine, lc: dict[str, Any], env: WorkerEnv) -> None:
     dist.barrier()
 
 
-def _hooks(lc: dict[str, Any], env: WorkerEnv, step: int) -> None:
-    """Test hooks: kill one worker once at a step (Ray Train replaces it)."""
-    fail_at = lc["hooks"].get("fail_worker_at")
-    if fail_at == step and env.rank == min(1, env.world - 1):
-        from pipeline import storage
-
-        flag = storage.join(env.out_url, f"failed-worker-at-{step}")
-        if not storage.exists(flag):
-            storage.write_text(flag, "rank died here on purpose (SEEDLINE_TRAIN_FAIL_WORKER_AT_STEP)\n")
-            os._exit(1)
-
-
 def _write_json(env: WorkerEnv, name: str, obj: dict[str, Any]) -> None:
     """A result file in the stage directory (local: temp + rename, as before; URL: one upload)."""
     from pipeline import storage
@@ -316,6 +325,29 @@ def _io_totals(env: WorkerEnv) -> dict[str, int]:
     return {k: int(v) for k, v in zip(keys, t.tolist(), strict=True)}
 
 
+def _rollback(engine, loader, env: WorkerEnv, step: int, guard: SpikeGuard, sink) -> dict[str, Any]:
+    """``on_spike: rollback`` at step ``step``: reload the newest complete checkpoint and go on from the data
+    after ``step`` (the window since the checkpoint is skipped, as ``train.skip_data`` would)."""
+    position = loader.state_dict()
+    found = env.store.newest()
+    if found is None:
+        raise Diverged(step, f"the loss diverged at step {step} before the first checkpoint: nothing to roll "
+                             "back to (lower checkpoint.every or train.lr)")
+    state = _load(engine, loader, env, found)
+    loader.load_state_dict(position)
+    back = state["step"]
+    guard.restore(state["health"])  # the spike history as of the checkpoint
+    guard.rollbacks += 1
+    if sink:
+        sink.rewind(back)
+        sink.event({"step": step, "event": "rollback", "to_step": back, "skipped": [back + 1, step],
+                    "rollbacks": guard.rollbacks},
+                   f"step {step}: the loss diverged; rolled back to the checkpoint of step {back} and "
+                   f"skipped the data of steps {back + 1}-{step} (to reproduce from the start: "
+                   f"train.skip_data: [[{back + 1}, {step}]])")
+    return state
+
+
 def train_loop(lc: dict[str, Any]) -> None:
     """Ray Train worker entry point; ``lc`` is built by ``trainer.fit``."""
     env = _setup(lc)
@@ -325,18 +357,23 @@ def train_loop(lc: dict[str, Any]) -> None:
     engine = _engine(lc, env)
     loader = task.train_loader(env.rank, env.world, train.micro_batch, train.seed)
     state = _resume(engine, loader, env)
+    guard = SpikeGuard(lc["health"], state.pop("health"))
     sink = None
     if env.rank == 0:
         sink = MetricsSink(env.out, state["step"], train.steps, lc["log_every"], lc["tracker_spec"],
                            lc["progress"])
+    beats = _heartbeats(lc, env, state["step"])
     peak = lc["peak_flops"]
     try:
         while state["step"] < train.steps:
+            _stall_events(lc, sink)
             step = state["step"] + 1
+            skip_steps(loader, config_skips(train.skip_data, step), train.grad_accum)
             t0 = time.perf_counter()
-            metrics, tokens, seq_len = _train_step(engine, loader, lc, env, step)
+            metrics, tokens, seq_len = _train_step(engine, loader, lc, env, step, guard)
             dt = time.perf_counter() - t0
             state["step"] = step
+            beats.advance(step, dt)
             state["tokens"] += tokens
             state["consumed_samples"] += train.micro_batch * train.grad_accum * env.world
             tps = tokens / dt
@@ -345,16 +382,22 @@ def train_loop(lc: dict[str, Any]) -> None:
                 perf["mfu"] = mfu(tps / env.world, flops_per_token(engine.module.cfg, seq_len), peak)
             if sink:
                 sink.train_step(step, metrics, perf, state["tokens"])
-            _hooks(lc, env, step)
+            if _on_spike(guard, step, metrics["loss"], sink):
+                restored = _rollback(engine, loader, env, step, guard, sink)
+                state = {k: restored[k] for k in ("step", "tokens", "consumed_samples")}
+                beats.advance(state["step"], dt)
+                continue
+            faults.after_step(lc["hooks"], env.rank, env.world, step, env.out_url)
             if (ev.every and step % ev.every == 0) or step == train.steps:
                 evm = _evaluate(engine, lc, env)
                 if sink:
                     sink.eval(step, evm)
             if step % ck.every == 0 or step == train.steps:
-                _save(engine, loader, env, state, ck.keep)
-                if lc["hooks"].get("kill_at") == step:
-                    time.sleep(3600)  # the driver exits hard now (SEEDLINE_TRAIN_KILL_AT_STEP)
-    except NonFiniteLoss as e:
+                _save(engine, loader, env, {**state, "health": guard.state_dict()}, ck.keep)
+                faults.after_save(lc["hooks"], step)
+    except (NonFiniteLoss, Diverged) as e:
+        beats.stop()
+        _stall_events(lc, sink)
         if env.rank == 0:
             _write_json(env, ERROR_FILE, {"step": e.step, "message": str(e)})
         if sink:
@@ -362,6 +405,8 @@ def train_loop(lc: dict[str, Any]) -> None:
             env.store.upload_metrics()
         dist.barrier()
         return
+    beats.stop()
+    _stall_events(lc, sink)
     if sink:
         sink.close()
         env.store.upload_metrics()
@@ -369,3 +414,36 @@ def train_loop(lc: dict[str, Any]) -> None:
     io = _io_totals(env)
     if env.rank == 0:
         _write_json(env, RESULT_FILE, {"steps": state["step"], "tokens": state["tokens"], "io": io})
+
+
+def _heartbeats(lc: dict[str, Any], env: WorkerEnv, step: int):
+    """This worker's heartbeat thread (``stages.lm.watchdog``)."""
+    from stages.lm.watchdog import HeartbeatSender
+
+    return HeartbeatSender(lc["heartbeats"], env.rank, step)
+
+
+def _stall_events(lc: dict[str, Any], sink) -> None:
+    """Rank 0: stall events the driver's watchdog reported, as ``metrics.jsonl`` lines."""
+    if sink:
+        import ray
+
+        for event in ray.get(lc["heartbeats"].take_events.remote()):
+            sink.note(event)
+
+
+def _on_spike(guard: SpikeGuard, step: int, loss: float, sink) -> bool:
+    """Judge step ``step``'s loss; log the event; raise when the stage must stop; whether to roll back."""
+    event = guard.judge(step, loss)
+    if event is None:
+        return False
+    if sink:
+        what = ("the loss diverged" if event["event"] == "diverging" else "loss spike")
+        sink.event(event, f"step {step}: {what}: {loss:.4f} vs running median {event['loss_median']:.4f} "
+                          f"({event['spike_run']} in a row; health.on_spike: {guard.action})")
+    if event["event"] != "diverging":
+        return False
+    stop = guard.must_stop(step)
+    if stop is not None:
+        raise stop
+    return guard.wants_rollback()

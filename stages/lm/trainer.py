@@ -11,6 +11,11 @@ export). The driver only starts the workers and reads what they wrote:
   ``stages/lm/train_metrics.py``; the same metrics go to the stage's MLflow run from rank 0;
 - ``<out>/model/``: the final weights as a ``LlamaForCausalLM`` directory (``stages.lm.hf.export_hf``).
 
+The stage's ``health:`` section is acted on while it trains: loss spikes by every worker
+(``stages/lm/health_guard.py``: warn, skip the batch, roll back to the newest checkpoint, or fail) and
+stalls by a driver-side watchdog over the workers' heartbeats (``stages/lm/watchdog.py``). Fault hooks for
+the tests are in ``stages/lm/faults.py``.
+
 The stage directory may be a local (or shared) path or an object-store URL (``s3://...``): see
 ``stages/lm/ckpt_store.py`` for how checkpoints, metrics and the model reach an object store, and
 ``stages/lm/shard_cache.py`` for how the workers read tokenized shards from one. ``FitResult.io`` has the
@@ -20,9 +25,6 @@ bytes moved to and from the object store.
 from __future__ import annotations
 
 import json
-import os
-import threading
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,12 +33,10 @@ from pathlib import Path
 from pipeline import storage
 from pipeline.errors import SeedlineError
 from pipeline.stage import StageContext
+from stages.lm import faults
 from stages.lm.model_card import card_info, write_model_card
 from stages.lm.train_config import TrainingStageConfig
 from stages.lm.train_worker import ERROR_FILE, RESULT_FILE, train_loop
-
-KILL_ENV = "SEEDLINE_TRAIN_KILL_AT_STEP"
-FAIL_WORKER_ENV = "SEEDLINE_TRAIN_FAIL_WORKER_AT_STEP"
 
 
 class TrainTask(ABC):
@@ -89,8 +89,9 @@ def final_metrics(metrics_path: Path | str) -> dict[str, float]:
     except (FileNotFoundError, IsADirectoryError):
         return out
     for line in text.splitlines():
-        if line:
-            out |= {k: v for k, v in json.loads(line).items() if k != "step"}
+        row = json.loads(line) if line else {}
+        if "event" not in row:  # health events are not metrics
+            out |= {k: v for k, v in row.items() if k != "step"}
     return out
 
 
@@ -112,32 +113,10 @@ def _peak_flops(scaling) -> float | None:
     return None
 
 
-def _watch_for_kill(ckpt_dir: str, step: int) -> None:
-    """Test hook: exit this process hard once the checkpoint of ``step`` is complete."""
-    marker = storage.join(ckpt_dir, f"step-{step}", "complete.json")
-    existed = storage.exists(marker)
-    pause = 0.2 if storage.is_url(marker) else 0.05
-
-    def watch():
-        while True:
-            if storage.exists(marker) and not existed:
-                os._exit(137)
-            time.sleep(pause)
-
-    threading.Thread(target=watch, name="seedline-kill-hook", daemon=True).start()
-
-
-def _hooks() -> dict[str, int]:
-    hooks = {}
-    for key, env in (("kill_at", KILL_ENV), ("fail_worker_at", FAIL_WORKER_ENV)):
-        if os.environ.get(env):
-            hooks[key] = int(os.environ[env])
-    return hooks
-
-
 def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext) -> FitResult:
     """Train ``task`` with the stage's training sections, resuming from ``<ctx.out_dir>/checkpoints``;
     see the module docstring."""
+    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -146,17 +125,21 @@ def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext) -> FitResu
     storage.makedirs(str(out))
     for name in (ERROR_FILE, RESULT_FILE):
         storage.remove(storage.join(str(out), name))
-    hooks = _hooks()
-    if "kill_at" in hooks:
-        _watch_for_kill(storage.join(str(out), "checkpoints"), hooks["kill_at"])
+    hooks = faults.from_env()
+    faults.arm_driver(hooks, storage.join(str(out), "checkpoints"))
     ctx.init_ray()
+    from pipeline.health import HealthRules
+    from stages.lm.watchdog import Heartbeats, StallWatch
+
+    ctx.progress.set_rules(HealthRules(**cfg.health.rules()))
+    heartbeats = Heartbeats.remote()
     ray_dir = _driver_dir(str(out)) / "ray" if remote else Path(out) / "ray"
     sc = cfg.scaling
     loop_config = {
         "task": task, "train": cfg.train, "scaling": sc, "deepspeed": cfg.deepspeed,
-        "checkpoint": cfg.checkpoint, "eval": cfg.eval, "log_every": cfg.log_every,
+        "checkpoint": cfg.checkpoint, "eval": cfg.eval, "log_every": cfg.log_every, "health": cfg.health,
         "out_dir": str(out), "tracker_spec": ctx.tracker.spec(), "progress": ctx.progress, "hooks": hooks,
-        "peak_flops": _peak_flops(sc),
+        "peak_flops": _peak_flops(sc), "heartbeats": heartbeats,
     }
     resources = {"CPU": sc.cpus_per_worker} | ({"GPU": 1} if sc.use_gpu else {})
     trainer = TorchTrainer(
@@ -170,10 +153,14 @@ def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext) -> FitResu
     )
     ctx.logger.info("%s: training %d steps on %d worker(s), ZeRO-%d", ctx.name, cfg.train.steps,
                     sc.num_workers, cfg.deepspeed.zero_stage)
+    watch = StallWatch(heartbeats, cfg.health, ctx.name, ctx.tracker, ctx.logger)
     try:
         trainer.fit()
     except Exception as e:
         raise SeedlineError(f"{ctx.name}: training failed: {e}") from e
+    finally:
+        watch.stop()
+        ray.kill(heartbeats)
     err = storage.read_json_or(storage.join(str(out), ERROR_FILE), None)
     if err is not None:
         raise SeedlineError(f"{ctx.name}: {err['message']}")

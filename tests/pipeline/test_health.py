@@ -35,6 +35,15 @@ def test_a_frozen_stage_turns_stalled_after_k_median_steps():
     assert classify("running", slow, 1030.0) == "running"  # never before stall_min_s
 
 
+def test_training_that_froze_before_a_step_time_was_written_stalls_after_stall_min_s():
+    rules = HealthRules(stall_min_s=8).as_dict()
+    progress = {"advanced": 1000.0, "step": 1, "unit": "steps", "health_rules": rules}  # no median yet
+    assert classify("running", progress, 1007.0) == "running"
+    assert classify("running", progress, 1009.0) == "stalled"
+    data_stage = {"updated": 1000.0, "done": 0, "unit": "shards", "health_rules": rules}
+    assert classify("running", data_stage, 1100.0) == "running"  # no pace known: no verdict
+
+
 def test_a_loss_spike_for_n_steps_is_diverging_and_one_outlier_is_not():
     obs = Observer(HealthRules(spike_factor=2.0, spike_steps=3, warmup_steps=5))
     state: dict = {}

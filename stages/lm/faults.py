@@ -1,0 +1,73 @@
+"""Fault injection for the trainer's tests: every hook in one place, each armed by an environment variable
+read once by the driver (``from_env``) and passed to the workers in the loop config.
+
+- ``SEEDLINE_TRAIN_KILL_AT_STEP=N``: the driver process exits hard (137) once checkpoint ``step-N`` is
+  complete (a killed ``seedline run``; the workers sleep so nothing newer is written);
+- ``SEEDLINE_TRAIN_FAIL_WORKER_AT_STEP=N``: rank 1 exits once after step N (a lost node; Ray Train
+  replaces the worker group);
+- ``SEEDLINE_TRAIN_FREEZE_WORKER_AT_STEP=N``: rank 1 stops itself (SIGSTOP) once after step N (a hung
+  worker: only the stall watchdog notices).
+
+Each worker-side hook fires once per stage directory (a flag file there), so the restarted group runs on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from pipeline import storage
+
+KILL_ENV = "SEEDLINE_TRAIN_KILL_AT_STEP"
+FAIL_WORKER_ENV = "SEEDLINE_TRAIN_FAIL_WORKER_AT_STEP"
+FREEZE_WORKER_ENV = "SEEDLINE_TRAIN_FREEZE_WORKER_AT_STEP"
+_ENV = {"kill_at": KILL_ENV, "fail_worker_at": FAIL_WORKER_ENV, "freeze_worker_at": FREEZE_WORKER_ENV}
+
+
+def from_env() -> dict[str, int]:
+    """The armed hooks (driver side): name -> step."""
+    return {key: int(os.environ[env]) for key, env in _ENV.items() if os.environ.get(env)}
+
+
+def arm_driver(hooks: dict[str, int], ckpt_dir: str) -> None:
+    """Driver side: exit this process hard once the checkpoint of ``kill_at`` is complete."""
+    if "kill_at" not in hooks:
+        return
+    marker = storage.join(ckpt_dir, f"step-{hooks['kill_at']}", "complete.json")
+    existed = storage.exists(marker)
+    pause = 0.2 if storage.is_url(marker) else 0.05
+
+    def watch():
+        while True:
+            if storage.exists(marker) and not existed:
+                os._exit(137)
+            time.sleep(pause)
+
+    threading.Thread(target=watch, name="seedline-kill-hook", daemon=True).start()
+
+
+def after_step(hooks: dict[str, Any], rank: int, world: int, step: int, out_url: str) -> None:
+    """Worker side, after optimizer step ``step``: the rank-1 hooks."""
+    if rank != min(1, world - 1):
+        return
+    if hooks.get("fail_worker_at") == step and _first_time(out_url, f"failed-worker-at-{step}"):
+        os._exit(1)
+    if hooks.get("freeze_worker_at") == step and _first_time(out_url, f"froze-worker-at-{step}"):
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def after_save(hooks: dict[str, Any], step: int) -> None:
+    """Worker side, after checkpoint ``step`` is saved: wait for the driver's hard exit (``kill_at``)."""
+    if hooks.get("kill_at") == step:
+        time.sleep(3600)
+
+
+def _first_time(out_url: str, name: str) -> bool:
+    flag = storage.join(out_url, name)
+    if storage.exists(flag):
+        return False
+    storage.write_text(flag, f"{name}: a fault injected on purpose (stages/lm/faults.py)\n")
+    return True
