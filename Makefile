@@ -48,7 +48,7 @@ demo: .venv/.installed
 	.venv/bin/seedline report runs/tiny
 
 test: .venv/.installed
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q --durations=30
 
 # The 3-node Ray cluster tests (seedline submit, s3:// workdir, node loss, driver loss).
 .PHONY: test-multinode
