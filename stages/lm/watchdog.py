@@ -86,14 +86,52 @@ def _kill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)  # also ends a SIGSTOPped process
 
 
+class StallJudge:
+    """The stall rule over heartbeat snapshots (no Ray): which ranks newly count as stalled, and why."""
+
+    def __init__(self, health: Any, stage: str):
+        self.health, self.stage = health, stage
+        self.seen: dict[int, tuple[int, int, float]] = {}  # rank -> (pid, step, first seen at)
+        self.reported: set[tuple[int, int, int]] = set()  # (rank, pid, step)
+
+    def check(self, beats: dict[int, dict[str, Any]], now: float) -> list[tuple[int, dict[str, Any], str]]:
+        """Fold one snapshot in; ``(rank, its beat, message)`` of each stall not reported before."""
+        for rank, b in beats.items():
+            prev = self.seen.get(rank)
+            if prev is None or prev[:2] != (b["pid"], b["step"]):
+                self.seen[rank] = (b["pid"], b["step"], now)
+        # judged: ranks that made a step in their current process (not starting up or loading a checkpoint)
+        judged = {r: b for r, b in beats.items() if b["step"] > b["start"] and b["median_step_s"]}
+        if not judged:
+            return []
+        limit = max(self.health.stall_factor * max(b["median_step_s"] for b in judged.values()),
+                    self.health.stall_min_s)
+        silent = [r for r, b in judged.items() if now - b["at"] > limit]
+        stuck = len(judged) == len(beats) and all(now - self.seen[r][2] > limit for r in judged)
+        out = []
+        for rank in silent or (sorted(judged) if stuck else []):
+            b = beats[rank]
+            if (rank, b["pid"], b["step"]) in self.reported:
+                continue
+            self.reported.add((rank, b["pid"], b["step"]))
+            how = (f"sent no heartbeat for {now - b['at']:.0f} s" if silent else
+                   f"made no step for {now - self.seen[rank][2]:.0f} s")
+            msg = (f"{self.stage}: stalled: rank {rank} (pid {b['pid']}) {how} after step {b['step']} "
+                   f"(limit {limit:.0f} s: health.stall_factor x median step time, at least stall_min_s)")
+            if self.health.on_stall == "fail":
+                msg += ("; health.on_stall: fail: killing it, so Ray Train restarts the workers from the "
+                        "newest checkpoint")
+            out.append((rank, b, msg))
+        return out
+
+
 class StallWatch:
-    """Driver side: judges the heartbeats once a second until ``stop``."""
+    """Driver side: judges the heartbeats once a second until ``stop``; logs, records and acts."""
 
     def __init__(self, actor: Any, health: Any, stage: str, tracker: Any, logger: logging.Logger):
         self.actor, self.health, self.stage = actor, health, stage
         self.tracker, self.logger = tracker, logger
-        self.seen: dict[int, tuple[int, int, float]] = {}  # rank -> (pid, step, first seen at)
-        self.reported: set[tuple[int, int, int]] = set()  # (rank, pid, step)
+        self.judge = StallJudge(health, stage)
         self.stalls = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="seedline-stall-watch", daemon=True)
@@ -110,38 +148,11 @@ class StallWatch:
             except Exception as e:  # the watchdog must never take the stage down; say why it is blind
                 self.logger.warning("%s: stall watchdog could not read heartbeats: %s", self.stage, e)
                 continue
-            self.check(beats, now)
+            for rank, beat, msg in self.judge.check(beats, now):
+                self._act(rank, beat, msg)
 
-    def check(self, beats: dict[int, dict[str, Any]], now: float) -> None:
-        """Fold one snapshot in; report (and act on) a stall."""
-        for rank, b in beats.items():
-            prev = self.seen.get(rank)
-            if prev is None or prev[:2] != (b["pid"], b["step"]):
-                self.seen[rank] = (b["pid"], b["step"], now)
-        # judged: ranks that made a step in their current process (not starting up or loading a checkpoint)
-        judged = {r: b for r, b in beats.items() if b["step"] > b["start"] and b["median_step_s"]}
-        if not judged:
-            return
-        limit = max(self.health.stall_factor * max(b["median_step_s"] for b in judged.values()),
-                    self.health.stall_min_s)
-        silent = [r for r, b in judged.items() if now - b["at"] > limit]
-        stuck = len(judged) == len(beats) and all(now - self.seen[r][2] > limit for r in judged)
-        for rank in silent or (sorted(judged) if stuck else []):
-            b = beats[rank]
-            key = (rank, b["pid"], b["step"])
-            if key not in self.reported:
-                self.reported.add(key)
-                self._report(rank, b, now, limit, silent=bool(silent))
-
-    def _report(self, rank: int, b: dict[str, Any], now: float, limit: float, silent: bool) -> None:
+    def _act(self, rank: int, b: dict[str, Any], msg: str) -> None:
         self.stalls += 1
-        how = (f"sent no heartbeat for {now - b['at']:.0f} s" if silent else
-               f"made no step for {now - self.seen[rank][2]:.0f} s")
-        msg = (f"{self.stage}: stalled: rank {rank} (pid {b['pid']}) {how} after step {b['step']} "
-               f"(limit {limit:.0f} s: health.stall_factor x median step time, at least stall_min_s)")
-        if self.health.on_stall == "fail":
-            msg += ("; health.on_stall: fail: killing it, so Ray Train restarts the workers from the newest "
-                    "checkpoint")
         self.logger.warning("%s", msg)
         self.tracker.set_tags({"health.stall": msg})
         self.tracker.log_metrics({"health/stall": float(self.stalls)}, step=b["step"])
