@@ -15,8 +15,27 @@ import typer
 from pipeline import storage
 from pipeline.errors import ConfigError, SeedlineError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 Overrides = Annotated[list[str], typer.Option("--set", "-s", help="override a key: stages.x.y=value")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"seedline {version('seedline')}")
+        except PackageNotFoundError:  # a bare checkout without installed metadata
+            typer.echo("seedline (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                            help="print the version and exit")) -> None:
+    """Seedline: an LLM pretraining pipeline (dedupe, filter, tokenize, pretrain, sft, dpo, evaluate) on
+    Ray, tracked in MLflow. `seedline run configs/tiny.yaml` runs the demo."""
 
 
 def _fail(e: Exception) -> None:

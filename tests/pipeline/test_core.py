@@ -58,6 +58,19 @@ def test_cli_bad_override_exits_2_without_traceback(tmp_path):
     assert "ray.num_cpus" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_cli_version_and_short_help():
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.startswith("seedline ")
+    for args in (["-h"], ["status", "-h"], ["run", "-h"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0 and "Usage: " in res.output, args
+
+
 def test_fingerprint_changes_only_for_results(tmp_path):
     base = {n.name: n.fingerprint for n in order(cfg(tmp_path))}
     assert {n.name: n.fingerprint for n in order(cfg(tmp_path, every=99))} == base
