@@ -12,6 +12,27 @@ def lower_is_better(metric: str) -> bool:
     return metric in LOWER_IS_BETTER
 
 
+def baselines(tasks: list[tuple[str, list[Any]]], pairs: int) -> dict[str, dict[str, float]]:
+    """Chance level and sample size of every accuracy: a task's ``acc``/``acc_norm`` (mean of 1 / choices
+    over its scored examples) and the preference accuracies (a coin flip over ``pairs``)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, examples in tasks:
+        chance = sum(1 / len(ex.choices) for ex in examples) / len(examples)
+        for m in ("acc", "acc_norm"):
+            out[f"{name}/{m}"] = {"chance": round(chance, 4), "n": len(examples)}
+    if pairs:
+        for m in ("pref_accuracy", "pref_logp_accuracy"):
+            out[m] = {"chance": 0.5, "n": pairs}
+    return out
+
+
+def metric_label(metric: str, base: dict[str, dict[str, float]] | None = None) -> str:
+    """``metric ↑`` (or ↓), with ``(chance C, n N)`` after an accuracy."""
+    label = f"{metric} {'↓' if lower_is_better(metric) else '↑'}"
+    b = (base or {}).get(metric)
+    return f"{label} (chance {b['chance']:.2f}, n {b['n']})" if b else label
+
+
 def _fmt(v: float | None) -> str:
     if v is None:
         return "–"
@@ -21,7 +42,8 @@ def _fmt(v: float | None) -> str:
 
 
 def results_markdown(
-    models: dict[str, dict[str, float]], counts: dict[str, Any], registered: dict[str, Any] | None = None
+    models: dict[str, dict[str, float]], counts: dict[str, Any], registered: dict[str, Any] | None = None,
+    base: dict[str, dict[str, float]] | None = None,
 ) -> str:
     """The comparison table plus what was scored and what was registered."""
     stages = list(models)
@@ -34,8 +56,7 @@ def results_markdown(
         real = [v for v in vals if v is not None and not math.isnan(v)]
         best = (min(real) if lower_is_better(m) else max(real)) if len(real) > 1 else None
         cells = [f"**{_fmt(v)}**" if best is not None and v == best else _fmt(v) for v in vals]
-        arrow = "↓" if lower_is_better(m) else "↑"
-        lines.append(f"| {m} {arrow} | " + " | ".join(cells) + " |")
+        lines.append(f"| {metric_label(m, base)} | " + " | ".join(cells) + " |")
     lines += ["", "Scored: " + ", ".join(f"{k} {v}" for k, v in _flat(counts).items()) + "."]
     if registered:
         lines += [

@@ -8,7 +8,7 @@ from pipeline import storage
 from pipeline.charts import metric_charts
 from pipeline.report import _e, _img, _num, _table
 from stages.evaluate.config import MODEL_STAGES
-from stages.evaluate.report_md import lower_is_better
+from stages.evaluate.report_md import lower_is_better, metric_label
 
 
 def section(instance: str, d: str, dirs: dict[str, str] | None = None) -> str:
@@ -30,7 +30,7 @@ def section(instance: str, d: str, dirs: dict[str, str] | None = None) -> str:
         real = [v for v in vals if v is not None and not math.isnan(v)]
         best = (min(real) if lower_is_better(m) else max(real)) if len(real) > 1 else None
         rows.append(
-            [f"{_e(m)} {'↓' if lower_is_better(m) else '↑'}"]
+            [_e(metric_label(m, results.get("baselines")))]
             + [
                 f'<span class="best">{_num(v)}</span>'
                 if v is not None and v == best

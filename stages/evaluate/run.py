@@ -28,7 +28,7 @@ from stages.evaluate import charts, generate, multiple_choice, preference
 from stages.evaluate.config import EvaluateConfig
 from stages.evaluate.lineage import decontamination, lineage_tags
 from stages.evaluate.records import write_rejects
-from stages.evaluate.report_md import results_markdown
+from stages.evaluate.report_md import baselines, results_markdown
 from stages.evaluate.worker import ModelJob, SharedInputs, evaluate_model
 
 
@@ -359,13 +359,16 @@ def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
             "preference_pairs": inputs.pairs,
             "perplexity": raw[stages[0]]["counts"].get("perplexity"),
         },
+        "baselines": baselines([(t.name, ex[: t.limit] if t.limit else ex) for t, ex in inputs.tasks],
+                               inputs.pairs),
         "rejects": inputs.rejects,
         "decontamination": decontamination(ctx),  # ran upstream? against which evaluation sets?
     }
     pngs = write_outputs(config, ctx, inputs, models, raw)
     results["registered"] = register_best(config, ctx, models)
     storage.write_text(
-        ctx.path("results.md"), results_markdown(models, results["counts"], results["registered"])
+        ctx.path("results.md"), results_markdown(models, results["counts"], results["registered"],
+                                                results["baselines"])
     )
     log_to_mlflow(ctx, models, pngs)
     ctx.tracker.log_metrics({"eval_seconds": time.perf_counter() - t0})

@@ -43,3 +43,18 @@ def test_evaluate_needs_a_model_and_preference_true_needs_dpo():
     with pytest.raises(ConfigError, match=r"stages\.evaluate\.preference"):
         check(EvaluateConfig(preference=True), {"data": ["tokenize"], "models": ["pretrain"]})
     check(EvaluateConfig(preference="auto"), {"data": ["tokenize"], "models": ["pretrain"]})
+
+
+def test_accuracies_carry_their_chance_level_and_sample_size():
+    from stages.evaluate.multiple_choice import Example
+    from stages.evaluate.report_md import baselines, metric_label, results_markdown
+
+    two = Example("q", (" a", " b"), 0)
+    four = Example("q", (" a", " b", " c", " d"), 1)
+    base = baselines([("mc", [two, four, four])], pairs=10)
+    assert base["mc/acc"] == {"chance": round((1 / 2 + 1 / 4 + 1 / 4) / 3, 4), "n": 3}
+    assert base["pref_logp_accuracy"] == {"chance": 0.5, "n": 10}
+    assert metric_label("mc/acc_norm", base) == "mc/acc_norm ↑ (chance 0.33, n 3)"
+    assert metric_label("perplexity", base) == "perplexity ↓"
+    md = results_markdown({"a": {"mc/acc": 0.5}, "b": {"mc/acc": 0.7}}, {}, None, base)
+    assert "| mc/acc ↑ (chance 0.33, n 3) | 0.5000 | **0.7000** |" in md

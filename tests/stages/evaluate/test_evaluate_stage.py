@@ -171,8 +171,13 @@ def test_results_cover_every_model_and_metric(setup):
     rejects = [json.loads(x) for x in (setup["out"] / "rejects" / "mc.jsonl").read_text().splitlines()]
     assert [r["line"] for r in rejects] == [7, 8] and "at least two" in rejects[0]["reason"]
     assert results["counts"]["tasks"] == {"mc": 6, "mc3": 4}
+    # every accuracy with its chance level (4 choices) and sample size, in results.json and results.md
+    assert results["baselines"]["mc/acc"] == {"chance": 0.25, "n": 6}
+    assert results["baselines"]["mc3/acc_norm"] == {"chance": 0.25, "n": 4}
+    assert results["baselines"]["pref_accuracy"]["chance"] == 0.5
     md = (setup["out"] / "results.md").read_text()
-    assert "| metric | pretrain | sft | dpo |" in md and "mc/acc_norm" in md and "tiny-lm@candidate" in md
+    assert "| metric | pretrain | sft | dpo |" in md and "tiny-lm@candidate" in md
+    assert "| mc/acc_norm ↑ (chance 0.25, n 6) |" in md and "| loss ↓ |" in md
 
 
 def test_perplexity_and_bits_per_byte_equal_a_direct_computation(setup):
