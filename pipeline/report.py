@@ -1,6 +1,8 @@
 """The run report: one self-contained ``report.html`` (PNG charts embedded as data URIs) for a run directory.
 
-Sections, each present when the run has the stage: the stages with state, duration and attempts
+It opens with a verdict (total time; each stage judged on its own target by its type's ``verdict``
+hook, before -> after; links to the MLflow runs and models). Then sections, each present when the run
+has the stage: the stages with state, duration and attempts
 (``status.json``); dedupe statistics (``stats.json``); token counts per split (tokenize ``manifest.json``);
 the loss curves of every training stage (``metrics.jsonl``: ``loss`` per step, ``eval_loss`` per
 validation); the evaluation table and charts (evaluate ``results.json``).
@@ -25,6 +27,8 @@ h1{font-size:1.6em}h2{margin-top:1.8em;border-bottom:1px solid #ddd;padding-bott
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ddd;padding:.3em .7em;text-align:right}
 th{background:#f5f5f5}td:first-child,th:first-child{text-align:left}.best{font-weight:bold}
 .charts img{max-width:48%;margin:.3em}.failed{color:#b00}.succeeded{color:#070}.muted{color:#777}
+.verdict td:nth-child(2),.verdict td:nth-child(6),.verdict th:nth-child(2),.verdict th:nth-child(6){
+text-align:left}
 """
 TRAINING_CURVES = (("loss", "loss"), ("eval_loss", "eval_loss"))
 
@@ -94,6 +98,54 @@ def _hook_sections(dirs: dict[str, str], types: dict[str, str],
         if spec is not None and spec.report:
             out.append(stage_registry._load(spec.report)(name, d, dict(run_dirs or dirs)))
     return [s for s in out if s]
+
+
+def _mlflow_links(run: dict[str, Any], run_ids: dict[str, str]) -> tuple[dict[str, str], str]:
+    """``{instance: URL}`` of the stages' MLflow runs as ``seedline ui`` serves them (127.0.0.1:5000),
+    and a note when the tracking store cannot be read here (the run ids are shown instead)."""
+    uri = run.get("tracking_uri")
+    if not uri or not run_ids:
+        return {}, ""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        exps = {name: client.get_run(rid).info.experiment_id for name, rid in run_ids.items()}
+    except Exception as e:  # a store on another machine or server: the ids still identify the runs
+        return {}, f"MLflow store {uri} not readable from here ({type(e).__name__}); run ids shown"
+    return {n: f"http://127.0.0.1:5000/#/experiments/{exps[n]}/runs/{rid}" for n, rid in run_ids.items()}, ""
+
+
+def _verdict_section(run_dir: str, dirs: dict[str, str], run: dict[str, Any]) -> str:
+    """The page's opening: total time, each stage judged on its own target (before -> after), the
+    registered model and why, links to its MLflow run and its model directory."""
+    from pipeline.summary import verdicts
+
+    judged = verdicts(run_dir, dirs)
+    status = {n: storage.read_json_or(storage.join(d, "status.json"), {}) for n, d in dirs.items()}
+    starts = [s["started"] for s in status.values() if s.get("started")]
+    ends = [s["finished"] for s in status.values() if s.get("finished")]
+    total = max(ends) - min(starts) if starts and ends else None
+    run_ids = {n: s["mlflow_run_id"] for n, s in status.items() if s.get("mlflow_run_id")}
+    links, note = _mlflow_links(run, run_ids)
+    rows = []
+    for name, d in dirs.items():
+        v, st = judged.get(name), status[name]
+        mark = {True: '<span class="succeeded">better</span>', False: '<span class="failed">worse</span>',
+                None: ""}[v.improved if v else None]
+        where = [f'<a href="{_e(links[name])}">MLflow run</a>' if name in links else
+                 _e(st.get("mlflow_run_id") or "")]
+        if storage.exists(storage.join(d, "model", "config.json")) and not storage.is_url(d):
+            where.append(f'<a href="file://{_e(storage.join(d, "model"))}">model</a>')
+        rows.append([_e(name), _e(v.target) if v else _e(st.get("state", "pending")),
+                     _num(v.before) if v and v.before is not None else "",
+                     _num(v.after) if v and v.after is not None else "", mark,
+                     _e(v.note) if v else "", " ".join(w for w in where if w)])
+    head = f"<p>Total time {_duration(total)} for {len(dirs)} stages.</p>"
+    return ("<h2>Verdict</h2>" + head
+            + '<div class="verdict">'
+            + _table(["stage", "target", "before", "after", "", "note", "links"], rows) + "</div>"
+            + (f'<p class="muted">{_e(note)}</p>' if note else ""))
 
 
 def _stages_section(dirs: dict[str, str]) -> str:
@@ -202,6 +254,7 @@ def write_report(run_dir: str, out_path: str | None = None) -> str:
     body = [
         f"<h1>Seedline run: {_e(name)}</h1>",
         f'<p class="muted">{_e(run_dir)}; git {_e(run.get("git_sha") or "unknown")}</p>',
+        _verdict_section(run_dir, dirs, run),
         _stages_section(dirs),
     ]
     types = stage_types(run)

@@ -102,13 +102,33 @@ class InputSlot:
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """A finished stage judged on what it is for: ``target`` (e.g. "held-out answer loss") went from
+    ``before`` to ``after`` (either may be None), ``better`` says which direction is progress ("lower",
+    "higher" or "" when neither applies); ``note`` is one short sentence of context."""
+
+    target: str
+    before: float | None = None
+    after: float | None = None
+    better: str = ""
+    note: str = ""
+
+    @property
+    def improved(self) -> bool | None:
+        if self.before is None or self.after is None or not self.better:
+            return None
+        return self.after < self.before if self.better == "lower" else self.after > self.before
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """What the registry knows about a stage type: its config model, version, ``run`` function, the
     ``inputs`` it needs (slots) and the ``outputs`` it declares (``{kind: path inside its directory}``,
     "" for the directory itself). Only the producing stage's package knows that layout; consumers get
     ``Output`` handles. ``check(config, bound)`` may raise ``ConfigError`` for rules across stages, with
     ``bound`` = ``{slot: [instance, ...]}``. ``report`` names a function ("pkg.module:func") that returns
-    this stage's section of ``report.html``.
+    this stage's section of ``report.html``; ``verdict`` one that judges a finished stage directory on its
+    own target (``Verdict``), for the end-of-run summary and the report's first table.
     """
 
     name: str
@@ -119,6 +139,7 @@ class StageSpec:
     outputs: dict[str, str] = field(default_factory=dict)
     check: Callable[[BaseModel, dict[str, list[str]]], None] | None = None
     report: str | None = None
+    verdict: str | None = None
 
     def load_run(self) -> Callable[[Any, StageContext], Any]:
         return _load(self.run)
@@ -142,6 +163,7 @@ def register(
     outputs: dict[str, str] | None = None,
     check: Callable[[BaseModel, dict[str, list[str]]], None] | None = None,
     report: str | None = None,
+    verdict: str | None = None,
     consumes: tuple[str, ...] = (),
     uses: tuple[str, ...] = (),
 ) -> StageSpec:
@@ -156,7 +178,7 @@ def register(
     for dep in uses:
         slots[dep] = InputSlot(f"stage:{dep}", required=False, prefer=(dep,))
     outs = {f"stage:{name}": "", **(outputs or {})}
-    spec = StageSpec(name, config, version, run, slots, outs, check, report)
+    spec = StageSpec(name, config, version, run, slots, outs, check, report, verdict)
     _REGISTRY[name] = spec
     return spec
 

@@ -1,5 +1,6 @@
-"""The few lines ``seedline run`` prints at the end: per stage what happened and its key number, then
-what to do next (open MLflow, write the report, load the final model)."""
+"""The few lines ``seedline run`` prints at the end: per stage what happened and how it did on its own
+target (the stage type's ``verdict`` hook), then what to do next (open MLflow, write the report, load the
+final model)."""
 
 from __future__ import annotations
 
@@ -9,29 +10,34 @@ from pipeline import storage
 from pipeline.state import read_status, recorded_stage_dirs
 
 
-def _key_number(d: str) -> str:
-    """The one number that says what a stage did, from the files stages write by convention."""
-    stats = storage.read_json_or(storage.join(d, "stats.json"), None)
-    if isinstance(stats, dict) and "docs_in" in stats and "docs_out" in stats:
-        return f"kept {stats['docs_out']:,} of {stats['docs_in']:,} documents"
-    manifest = storage.read_json_or(storage.join(d, "manifest.json"), None)
-    if isinstance(manifest, dict) and isinstance(manifest.get("splits"), dict):
-        tokens = sum(int(s.get("stream_tokens") or 0) for s in manifest["splits"].values())
-        if tokens:
-            return f"{tokens:,} tokens"
-    results = storage.read_json_or(storage.join(d, "results.json"), None)
-    if isinstance(results, dict) and results.get("models"):
-        reg = results.get("registered") or {}
-        best = f", registered {reg['stage']} as {reg['uri']}" if reg.get("uri") else ""
-        return f"{len(results['models'])} models evaluated{best}"
-    from pipeline.compare import _last_training
+def verdicts(run_dir: str, dirs: dict[str, str] | None = None) -> dict[str, Any]:
+    """``{instance: Verdict or None}``: each finished stage judged by its type's ``verdict`` hook."""
+    from pipeline import stage as stage_registry
+    from pipeline.report import stage_types
 
-    metrics = storage.join(d, "metrics.jsonl")
-    if storage.exists(metrics):
-        last = _last_training(metrics)
-        parts = [f"{k} {last[k]:.4g}" for k in ("loss", "eval_loss") if k in last]
-        return ", ".join(parts)
-    return ""
+    dirs = dirs if dirs is not None else recorded_stage_dirs(run_dir)
+    types = stage_types(storage.read_json_or(storage.join(run_dir, "run.json"), {}) or {})
+    out: dict[str, Any] = {}
+    for name, d in dirs.items():
+        spec = stage_registry.registry().get(types.get(name, name))
+        hook = spec.verdict if spec is not None else None
+        done = hook and read_status(d)["state"] == "succeeded"
+        out[name] = stage_registry._load(hook)(d) if done else None
+    return out
+
+
+def _n(v: float | None) -> str:
+    if v is None:
+        return ""
+    return f"{v:,}" if isinstance(v, int) else f"{v:.4g}"
+
+
+def describe(v: Any) -> str:
+    """One line: ``target before -> after (note)``."""
+    if v is None:
+        return ""
+    move = f"{_n(v.before)} -> {_n(v.after)}" if v.before is not None else _n(v.after)
+    return f"{v.target} {move}".strip() + (f" ({v.note})" if v.note else "")
 
 
 def final_model(run_dir: str, dirs: dict[str, str]) -> str | None:
@@ -45,12 +51,14 @@ def final_model(run_dir: str, dirs: dict[str, str]) -> str | None:
 def summary_lines(run_dir: str, outcomes: dict[str, str]) -> list[str]:
     """Per stage ``name  outcome  seconds  key number``, then the next commands."""
     dirs = recorded_stage_dirs(run_dir)
+    judged = verdicts(run_dir, dirs)
     lines = [f"run {run_dir}:"]
     for name, d in dirs.items():
         st = read_status(d)
         took = (st.get("finished") or 0) - (st.get("started") or 0)
         secs = f"{took:7.1f}s" if st.get("finished") and st.get("started") else " " * 8
-        lines.append(f"  {name:12s} {outcomes.get(name, st['state']):8s} {secs}  {_key_number(d)}".rstrip())
+        outcome = outcomes.get(name, st["state"])
+        lines.append(f"  {name:12s} {outcome:8s} {secs}  {describe(judged[name])}".rstrip())
     lines += ["next:", f"  seedline ui {run_dir}        # MLflow: runs, metrics, models",
               f"  seedline report {run_dir}    # one HTML page: stages, data, curves, evaluation"]
     model = final_model(run_dir, dirs)

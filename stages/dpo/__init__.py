@@ -12,6 +12,6 @@ register(name="dpo", config=DPOConfig, version="1", run="stages.dpo.run:run",
          outputs={"model": "model", "metrics": "metrics.jsonl",
                   "preference_pairs": "pairs/val.arrow",
                   "reference_logps": "reference/val"},
-         check=check)
+         check=check, verdict="stages.lm.verdict:dpo")
 
 __all__ = ["DPOConfig"]

@@ -22,6 +22,7 @@ register(
     outputs={"results": "results.json"},
     check=check,
     report="stages.evaluate.report_section:section",
+    verdict="stages.evaluate.verdict:verdict",
 )
 
 __all__ = ["EvaluateConfig"]

@@ -8,6 +8,7 @@ from stages.filter.config import FilterConfig, check
 # (data/part-*.parquet), so tokenize reads them and a dedupe instance can take them as its input.
 register(name="filter", config=FilterConfig, version="1", run="stages.filter.run:run",
          inputs={"documents": InputSlot("documents", required=False, prefer=("dedupe",))},
-         outputs={"documents": "data"}, check=check, report="stages.filter.report_section:section")
+         outputs={"documents": "data"}, check=check, report="stages.filter.report_section:section",
+         verdict="stages.filter.verdict:verdict")
 
 __all__ = ["FilterConfig"]

@@ -8,6 +8,6 @@ from stages.pretrain.config import PretrainConfig
 register(name="pretrain", config=PretrainConfig, version="1", run="stages.pretrain.run:run",
          inputs={"data": InputSlot("shards", prefer=("tokenize",)),
                  "init": InputSlot("model", required=False, config_key="init_from", auto=False)},
-         outputs={"model": "model", "metrics": "metrics.jsonl"})
+         outputs={"model": "model", "metrics": "metrics.jsonl"}, verdict="stages.lm.verdict:pretrain")
 
 __all__ = ["PretrainConfig"]

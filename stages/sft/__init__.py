@@ -9,6 +9,6 @@ register(name="sft", config=SFTConfig, version="1", run="stages.sft.run:run",
          inputs={"model": InputSlot("model", required=False, prefer=("pretrain",), config_key="init_from"),
                  "tokenizer": InputSlot("tokenizer", required=False, prefer=("tokenize",))},
          outputs={"model": "model", "metrics": "metrics.jsonl"},
-         check=check)
+         check=check, verdict="stages.lm.verdict:sft")
 
 __all__ = ["SFTConfig"]

@@ -8,6 +8,6 @@ from stages.tokenize.config import TokenizeConfig, check
 register(name="tokenize", config=TokenizeConfig, version="1", run="stages.tokenize.run:run",
          inputs={"documents": InputSlot("documents", required=False, prefer=("filter", "dedupe"))},
          outputs={"shards": "", "tokenizer": "tokenizer"}, check=check,
-         report="stages.tokenize.report_section:section")
+         report="stages.tokenize.report_section:section", verdict="stages.tokenize.verdict:verdict")
 
 __all__ = ["TokenizeConfig"]

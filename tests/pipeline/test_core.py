@@ -111,3 +111,15 @@ def test_mlflow_parent_and_children_reattached(tmp_path):
     assert len(again) == 2
     assert json.loads((sdir / "status.json").read_text())["mlflow_run_id"] == st["mlflow_run_id"]
     assert os.path.exists(sdir / "0.txt")
+
+
+def test_a_verdict_says_whether_its_stage_improved_its_target():
+    from pipeline.stage import Verdict
+    from pipeline.summary import describe
+
+    assert Verdict("loss", 5.5, 3.9, "lower").improved is True
+    assert Verdict("accuracy", 0.4, 0.3, "higher").improved is False
+    assert Verdict("train tokens", None, 486140).improved is None
+    line = describe(Verdict("documents", 1359, 1213, "", "130 exact"))
+    assert line == "documents 1,359 -> 1,213 (130 exact)"
+    assert describe(Verdict("train tokens", None, 486140)) == "train tokens 486,140"

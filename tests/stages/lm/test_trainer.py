@@ -86,7 +86,7 @@ def reference(tmp_path_factory, ray_address):
     })
     res = run_pipeline(cfg)
     return {"tokenize": Path(res.stage_dirs["tokenize"]), "pretrain": Path(res.stage_dirs["pretrain"]),
-            "tracking_uri": cfg.tracking_uri()}
+            "tracking_uri": cfg.tracking_uri(), "run_dir": res.run_dir}
 
 
 def _ctx(out: Path, data_dir: Path, address: str) -> StageContext:
@@ -155,6 +155,27 @@ def test_pretrain_loss_falls_and_is_tracked(reference):
     assert [m.value for m in history] == pytest.approx([r["loss"] for r in train])
     keys = client.get_run(status["mlflow_run_id"]).data.metrics
     assert {"eval_loss", "lr", "grad_norm", "tokens_per_s", "final_loss"} <= set(keys)
+
+
+def test_summary_and_report_verdict_judge_each_stage_on_its_target(reference):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.report import write_report
+    from pipeline.summary import summary_lines
+
+    train, evals = _lines(reference["pretrain"])
+    stats = json.loads((reference["tokenize"] / "stats.json").read_text())
+    lines = summary_lines(reference["run_dir"], {})
+    [pre] = [ln for ln in lines if ln.split()[0] == "pretrain"]
+    assert f"loss, step 1 -> held-out {train[0]['loss']:.4g} -> {evals[-1]['eval_loss']:.4g}" in pre
+    [tok] = [ln for ln in lines if ln.split()[0] == "tokenize"]
+    assert f"train tokens {stats['tokens_train']:,}" in tok
+    page = Path(write_report(reference["run_dir"])).read_text()
+    verdict = page[page.index("<h2>Verdict</h2>"):page.index("<h2>Stages</h2>")]
+    assert "better" in verdict and "loss, step 1 -&gt; held-out" in verdict
+    run_id = json.loads((reference["pretrain"] / "status.json").read_text())["mlflow_run_id"]
+    experiment = MlflowClient(reference["tracking_uri"]).get_run(run_id).info.experiment_id
+    assert f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}" in verdict
 
 
 def test_export_loads_in_transformers_with_the_trained_logits(reference):
