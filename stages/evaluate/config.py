@@ -46,12 +46,15 @@ class TaskConfig(StrictModel):
 
 
 class RegistryConfig(StrictModel):
-    """Register the best model (by ``metric``) in the MLflow model registry under ``name@alias``."""
+    """Register a model in the MLflow model registry under ``name@alias``: the best by ``metric`` when one
+    is named, else the last model of the chain (what the pipeline sets out to produce: the dpo model of
+    pretrain -> sft -> dpo)."""
 
     enabled: bool = True
     name: str = Field("seedline-lm", min_length=1, description="registered model name")
     alias: str = Field("candidate", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
-    metric: str = Field("perplexity", description="a metric of results.json, e.g. perplexity or mc/acc_norm")
+    metric: str | None = Field(None, description="a metric of results.json, e.g. perplexity or mc/acc_norm; "
+                                                 "none: the last model of the chain")
     mode: Literal["min", "max"] = "min"
 
 
@@ -127,7 +130,8 @@ def check(config: BaseModel, bound: dict[str, list[str]]) -> None:
     if config.preference is True and not has_pairs:
         raise ConfigError("stages.evaluate.preference", "true needs a dpo stage (its val pairs); use auto")
     registry = config.registry
-    if registry.enabled and registry.metric not in config.metric_names(has_pairs):
+    computed = config.metric_names(has_pairs)
+    if registry.enabled and registry.metric is not None and registry.metric not in computed:
         raise ConfigError(
             "stages.evaluate.registry.metric",
             f"{registry.metric!r} is not computed by this pipeline; choose one of "

@@ -24,8 +24,11 @@ from stages.evaluate.config import MODEL_STAGES, RegistryConfig
 PIP_REQUIREMENTS = ("torch", "tokenizers", "safetensors", "numpy", "pydantic", "pyyaml", "fsspec", "pyarrow")
 
 
-def best_model(models: dict[str, dict[str, float]], cfg: RegistryConfig) -> tuple[str, float]:
-    """(stage, value) of the best model by ``cfg.metric``; ties go to the later (more trained) stage."""
+def best_model(models: dict[str, dict[str, float]], cfg: RegistryConfig) -> tuple[str, float | None]:
+    """(stage, value) of the best model by ``cfg.metric``; ties go to the later (more trained) stage.
+    Without a metric: the last model of the chain (``models`` is in pipeline order), value None."""
+    if cfg.metric is None:
+        return list(models)[-1], None
     ranked = [
         (s, v[cfg.metric]) for s, v in models.items() if cfg.metric in v and not math.isnan(v[cfg.metric])
     ]
@@ -108,10 +111,9 @@ def register_model(
         version = client.create_model_version(cfg.name, source, run_id=run_id, tags={"seedline.stage": stage})
     for k, v in tags.items():
         client.set_model_version_tag(cfg.name, version.version, k, v)
-    metric, value = tags.get("seedline.metric"), tags.get("seedline.metric_value")
+    why = tags.get("seedline.why") or f"the best by {tags.get('seedline.metric')}"
     description = (f"The {stage} model of run {tags.get('seedline.run_dir', '?')}, registered by Seedline's "
-                   f"evaluate stage as the best by {metric} ({cfg.mode}: {value})."
-                   if metric else f"The {stage} model, registered by Seedline's evaluate stage.")
+                   f"evaluate stage: {why}.")
     client.update_model_version(cfg.name, version.version, description=description)
     client.set_registered_model_alias(cfg.name, cfg.alias, version.version)
     return {

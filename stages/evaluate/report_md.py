@@ -62,10 +62,16 @@ def results_markdown(
         lines += [
             "",
             f"Registered: `{registered['uri']}` (version {registered['version']}) = the "
-            f"{registered['stage']} model, best by {registered['metric']} "
-            f"({_fmt(registered['value'])}).",
+            f"{registered['stage']} model: {why(registered)}.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def why(registered: dict[str, Any]) -> str:
+    """Why a model was registered (``registered.json`` of older runs has no ``why``: rebuilt)."""
+    if registered.get("why"):
+        return registered["why"]
+    return f"best by {registered.get('metric')} ({_fmt(registered.get('value'))})"
 
 
 def _flat(counts: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pipeline import storage
 from pipeline.charts import metric_charts
 from pipeline.report import _e, _img, _num, _table
 from stages.evaluate.config import MODEL_STAGES
-from stages.evaluate.report_md import lower_is_better, metric_label
+from stages.evaluate.report_md import lower_is_better, metric_label, why
 
 
 def section(instance: str, d: str, dirs: dict[str, str] | None = None) -> str:
@@ -42,7 +42,7 @@ def section(instance: str, d: str, dirs: dict[str, str] | None = None) -> str:
     note = (
         (
             f"<p>Registered <code>{_e(reg['uri'])}</code> (version {_e(reg['version'])}): "
-            f"the {_e(reg['stage'])} model, best by {_e(reg['metric'])}.</p>"
+            f"the {_e(reg['stage'])} model: {_e(why(reg))}.</p>"
         )
         if reg
         else ""

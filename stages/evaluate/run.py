@@ -265,11 +265,12 @@ def register_best(
         ctx.logger.warning("evaluate: MLflow tracking is off; the best model is not registered")
         return None
     stage, value = best_model(models, config.registry)
-    tags = lineage_tags(ctx) | {
-        "seedline.stage": stage,
-        "seedline.metric": config.registry.metric,
-        "seedline.metric_value": repr(value),
-    }
+    metric = config.registry.metric
+    why = (f"best of {len(models)} by {metric} ({config.registry.mode} {value:.4g})" if metric else
+           f"the last model of the chain ({' -> '.join(models)}; no registry.metric set)")
+    tags = lineage_tags(ctx) | {"seedline.stage": stage, "seedline.why": why}
+    if metric:
+        tags |= {"seedline.metric": metric, "seedline.metric_value": repr(value)}
     reg = register_model(
         uri,
         ctx.tracker.run_id,
@@ -278,16 +279,9 @@ def register_best(
         config.registry,
         tags,
     )
-    reg |= {"metric": config.registry.metric, "value": value}
+    reg |= {"metric": metric, "value": value, "why": why}
     storage.write_json(marker, reg)
-    ctx.logger.info(
-        "evaluate: registered %s (%s %s=%.4g) as %s",
-        stage,
-        config.registry.mode,
-        config.registry.metric,
-        value,
-        reg["uri"],
-    )
+    ctx.logger.info("evaluate: registered %s as %s: %s", stage, reg["uri"], why)
     return reg
 
 

@@ -13,6 +13,6 @@ def verdict(stage_dir: str) -> Verdict | None:
     reg = results.get("registered") or {}
     if not reg.get("uri"):
         return Verdict("models evaluated", None, len(results["models"]), "", "nothing registered")
-    value = reg.get("value", float("nan"))
-    return Verdict(f"registered {reg['stage']}", None, None, "",
-                   f"best of {len(results['models'])} by {reg['metric']} {value:.4g}")
+    from stages.evaluate.report_md import why
+
+    return Verdict(f"registered {reg['stage']}", None, None, "", why(reg))

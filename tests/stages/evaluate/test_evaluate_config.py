@@ -58,3 +58,12 @@ def test_accuracies_carry_their_chance_level_and_sample_size():
     assert metric_label("perplexity", base) == "perplexity ↓"
     md = results_markdown({"a": {"mc/acc": 0.5}, "b": {"mc/acc": 0.7}}, {}, None, base)
     assert "| mc/acc ↑ (chance 0.33, n 3) | 0.5000 | **0.7000** |" in md
+
+
+def test_without_a_metric_the_registry_takes_the_last_model_of_the_chain():
+    from stages.evaluate.config import RegistryConfig
+    from stages.evaluate.registry import best_model
+
+    models = {"pretrain": {"perplexity": 17.0}, "sft": {"perplexity": 113.0}, "dpo": {"perplexity": 117.0}}
+    assert best_model(models, RegistryConfig()) == ("dpo", None)
+    assert best_model(models, RegistryConfig(metric="perplexity")) == ("pretrain", 17.0)

@@ -299,7 +299,7 @@ def test_best_model_is_registered_with_alias_and_lineage_and_loads_back(setup):
     client = MlflowClient(tracking_uri=setup["uri"], registry_uri=setup["uri"])
     version = client.get_model_version_by_alias("tiny-lm", "candidate")
     assert int(version.version) == reg["version"]
-    assert "best by perplexity" in version.description
+    assert "best of 3 by perplexity" in version.description and reg["why"] in version.description
     manifest = json.loads((setup["tok_dir"] / "manifest.json").read_text())
     tags = version.tags
     assert tags["seedline.stage"] == "pretrain" and tags["seedline.metric"] == "perplexity"

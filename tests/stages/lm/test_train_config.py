@@ -81,7 +81,7 @@ def test_alternatives_replace_the_default_block():
 def test_other_stages_keep_nested_defaults():
     evaluate, tokenize = get("evaluate").config_model, get("tokenize").config_model
     ev = evaluate.model_validate({"registry": {"name": "m"}, "perplexity": {"batches": 2}})
-    assert (ev.registry.name, ev.registry.alias, ev.registry.metric) == ("m", "candidate", "perplexity")
+    assert (ev.registry.name, ev.registry.alias, ev.registry.metric) == ("m", "candidate", None)
     assert (ev.perplexity.batches, ev.perplexity.enabled, ev.perplexity.doc_mask) == (2, True, True)
     tok = tokenize.model_validate({"input": "x", "tokenizer": {"train": {"vocab_size": 999}}})
     assert (tok.tokenizer.train.vocab_size, tok.tokenizer.train.min_frequency) == (999, 2)
