@@ -10,6 +10,11 @@ as solved examples (``context + gold choice``), separated by blank lines (lm-eva
 
 Tokenization follows lm-eval: the context's trailing whitespace moves to the continuation, the whole
 string is encoded once and the continuation is what follows the context's own encoding.
+
+Chat models (the evaluate stage's ``chat_models``) are asked the way they were trained, as lm-eval's
+``--apply_chat_template`` does: the (few-shot) context becomes one ChatML user turn followed by the
+assistant header, and each choice, without its leading space, is the assistant's answer. ``acc_norm``
+divides by the choice's length as written in the task either way.
 """
 
 from __future__ import annotations
@@ -87,9 +92,15 @@ def fewshot_context(examples: Sequence[Example], index: int, num_fewshot: int, s
     return FEWSHOT_DELIMITER.join([*solved, ex.context])
 
 
-def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) the lm-eval way."""
-    n = len(context) - len(context.rstrip())
+def encode_pair(tok: Tokenizer, context: str, continuation: str, chat: bool = False
+                ) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) the lm-eval way; ``chat``: the context as a ChatML user turn and the
+    continuation as the assistant's answer."""
+    if chat:
+        from stages.evaluate.generate import format_prompt
+
+        context, continuation = format_prompt(context, chat=True), continuation.lstrip()
+    n = len(context) - len(context.rstrip()) if not chat else 0  # the assistant header ends the context
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
     whole = tok.encode(context + continuation, add_special_tokens=False).ids
@@ -98,14 +109,15 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[i
 
 
 def build_requests(
-    task: TaskConfig, examples: list[Example], tok: Tokenizer
+    task: TaskConfig, examples: list[Example], tok: Tokenizer, chat: bool = False
 ) -> list[tuple[list[int], list[int]]]:
-    """One (context, continuation) token pair per choice of every scored example, example after example."""
+    """One (context, continuation) token pair per choice of every scored example, example after example
+    (``chat``: in the chat template, for instruction-tuned models)."""
     scored = examples[: task.limit] if task.limit else examples
     out = []
     for i, ex in enumerate(scored):
         context = fewshot_context(examples, i, task.num_fewshot, task.seed)
-        out += [encode_pair(tok, context, choice) for choice in ex.choices]
+        out += [encode_pair(tok, context, choice, chat) for choice in ex.choices]
     return out
 
 

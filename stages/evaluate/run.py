@@ -76,6 +76,7 @@ def prepare_inputs(config: EvaluateConfig, ctx: StageContext) -> Inputs:
         write_rejects(ctx.path("rejects", f"{task.name}.jsonl"), bad)
         rejects[task.name] = len(bad)
         shared.mc_requests += multiple_choice.build_requests(task, examples, tok)
+        shared.mc_requests_chat += multiple_choice.build_requests(task, examples, tok, chat=True)
         tasks.append((task, examples))
     prompts: list[str] = []
     if config.prompts:

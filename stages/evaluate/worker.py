@@ -24,6 +24,7 @@ class SharedInputs:
     tokenize_dir: str
     token_bytes: np.ndarray
     mc_requests: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    mc_requests_chat: list[tuple[list[int], list[int]]] = field(default_factory=list)  # chat models'
     pref_requests: list[tuple[list[int], list[bool]]] = field(default_factory=list)
     prompts_raw: list[list[int]] = field(default_factory=list)
     prompts_chat: list[list[int]] = field(default_factory=list)
@@ -89,7 +90,8 @@ def evaluate_model(job: ModelJob, shared: SharedInputs) -> dict[str, Any]:
             )
         out["metrics"].update(metrics)
         out["counts"]["perplexity"] = counts
-    reqs = [Request.continuation(c, k) for c, k in shared.mc_requests]
+    mc = shared.mc_requests_chat if job.chat else shared.mc_requests
+    reqs = [Request.continuation(c, k) for c, k in mc]
     out["mc_logprobs"] = [s.logprob for s in score_requests(model, reqs, job.batch_size, device)]
     reqs = [Request(tuple(ids), tuple(score)) for ids, score in shared.pref_requests]
     out["pref_logprobs"] = [s.logprob for s in score_requests(model, reqs, job.batch_size, device)]

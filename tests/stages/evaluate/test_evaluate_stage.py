@@ -223,7 +223,7 @@ def test_multiple_choice_matches_a_direct_computation(setup):
 
     task = setup["config"].tasks[1]
     examples, _ = load_task(task)
-    for stage in ("sft",):
+    for stage, chat in (("pretrain", False), ("sft", True)):  # sft is a chat model: asked in ChatML
         hf = _hf(setup["root"] / stage / "model")
         for t in setup["config"].tasks:
             acc = acc_norm = 0
@@ -232,7 +232,7 @@ def test_multiple_choice_matches_a_direct_computation(setup):
                 ctx = fewshot_context(examples, i, t.num_fewshot, t.seed)
                 lls = []
                 for choice in ex.choices:
-                    c, k = encode_pair(setup["tok"], ctx, choice)
+                    c, k = encode_pair(setup["tok"], ctx, choice, chat)
                     lls.append(float(_logprobs(hf, c + k)[-len(k) :].sum()))
                 acc += int(np.argmax(lls) == ex.gold)
                 acc_norm += int(
