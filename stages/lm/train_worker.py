@@ -366,7 +366,8 @@ def train_loop(lc: dict[str, Any]) -> None:
     peak = lc["peak_flops"]
     try:
         while state["step"] < train.steps:
-            _stall_events(lc, sink)
+            if state["step"] % lc["log_every"] == 0:
+                _stall_events(lc, sink)  # one actor round trip per logging interval, not per step
             step = state["step"] + 1
             skip_steps(loader, config_skips(train.skip_data, step), train.grad_accum)
             t0 = time.perf_counter()
