@@ -267,8 +267,8 @@ def register_best(
         return None
     stage, value = best_model(models, config.registry)
     metric = config.registry.metric
-    why = (f"best of {len(models)} by {metric} ({config.registry.mode} {value:.4g})" if metric else
-           f"the last model of the chain ({' -> '.join(models)}; no registry.metric set)")
+    why = (f"best of {len(models)} by {metric}, {config.registry.mode} {value:.4g}" if metric else
+           f"the last model of the chain {' -> '.join(models)}, no registry.metric set")
     tags = lineage_tags(ctx) | {"seedline.stage": stage, "seedline.why": why}
     if metric:
         tags |= {"seedline.metric": metric, "seedline.metric_value": repr(value)}
