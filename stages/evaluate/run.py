@@ -71,12 +71,14 @@ def prepare_inputs(config: EvaluateConfig, ctx: StageContext) -> Inputs:
     )
     rejects: dict[str, int] = {}
     tasks = []
+    any_chat = any(is_chat(config, m) for m in model_inputs(ctx).values())  # chat requests only if needed
     for task in config.tasks:
         examples, bad = multiple_choice.load_task(task)
         write_rejects(ctx.path("rejects", f"{task.name}.jsonl"), bad)
         rejects[task.name] = len(bad)
         shared.mc_requests += multiple_choice.build_requests(task, examples, tok)
-        shared.mc_requests_chat += multiple_choice.build_requests(task, examples, tok, chat=True)
+        if any_chat:
+            shared.mc_requests_chat += multiple_choice.build_requests(task, examples, tok, chat=True)
         tasks.append((task, examples))
     prompts: list[str] = []
     if config.prompts:

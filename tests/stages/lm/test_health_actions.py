@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import test_trainer
 import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
@@ -28,6 +29,9 @@ from stages.pretrain.task import PretrainTask
 BAD = (5, 6)  # data steps whose loss is multiplied: bad data, whichever optimizer step meets it
 STEPS = 8
 HEALTH = {"warmup_steps": 2, "spike_window": 4, "spike_factor": 3.0, "spike_steps": 2}
+
+
+ray_address = test_trainer.ray_address  # the same module-scoped fixture: one local Ray per test module
 
 
 class _Marked(Loader):
@@ -53,19 +57,6 @@ class SpikeTask(PretrainTask):
         data_step = int(batch.pop("data_step", torch.tensor(0)))
         loss, extra = super().loss(model, batch)
         return (loss * 30 if data_step in BAD else loss), extra
-
-
-@pytest.fixture(scope="module")
-def ray_address():
-    import ray
-
-    from pipeline.ray_init import init_ray
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DS_ACCELERATOR", "cpu")
-        init_ray(None, 4)
-        yield ray.get_runtime_context().gcs_address
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
