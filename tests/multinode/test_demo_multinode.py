@@ -13,6 +13,7 @@ from demo_settings import CONFIG, as_args, small_overrides
 from multinode_helpers import job_id, seedline, train_worker_nodes
 
 from pipeline import storage
+from pipeline.state import recorded_stage_dirs
 
 STAGES = ("dedupe", "tokenize", "pretrain", "sft", "dpo", "evaluate")
 
@@ -36,11 +37,8 @@ def local_demo(cluster3, demo_data, tmp_path_factory) -> dict:
 
 
 def _stage_dirs(run_dir: str) -> dict[str, str]:
-    dirs = {}
-    for status in storage.glob(storage.join(run_dir, "*", "status.json")):
-        d = status.rsplit("/", 2)[-2]
-        dirs[d.rsplit("-", 1)[0]] = storage.join(run_dir, d)
-    return dirs
+    """``{stage: its directory in the workdir's store}``, from the run's run.json."""
+    return recorded_stage_dirs(run_dir)
 
 
 def _assert_succeeded(run: dict) -> dict[str, str]:

@@ -16,6 +16,7 @@ from demo_settings import CONFIG, as_args, small_overrides
 from multinode_helpers import api, job_id, seedline, wait_until
 
 from pipeline import storage
+from pipeline.state import recorded_stage_dirs
 
 DROPPED = ("sft", "dpo", "evaluate")
 LONGER = ["stages.pretrain.train={steps: 8, micro_batch: 2, lr: 3.0e-3, min_lr: 3.0e-4, warmup: 1}"]
@@ -39,8 +40,10 @@ def config(tmp_path_factory) -> str:
 
 
 def _stage_dir(run_dir: str, stage: str) -> str | None:
-    found = [p.rsplit("/", 1)[0] for p in storage.glob(f"{run_dir}/{stage}-*/status.json")]
-    return found[0] if found else None
+    """The stage's directory in the workdir's store (run.json), once the run recorded it."""
+    if not storage.exists(storage.join(run_dir, "run.json")):
+        return None
+    return recorded_stage_dirs(run_dir).get(stage)
 
 
 def _complete_steps(run_dir: str) -> list[int]:
@@ -120,5 +123,6 @@ def test_driver_killed_mid_stage_is_resumed_from_s3(cluster3, demo_data, config,
     assert follow.returncode == 0, follow.stdout[-4000:]
     assert "pretrain: resuming" in follow.stdout or "resum" in follow.stdout
     assert _losses(run_dir) == uninterrupted
-    statuses = [storage.read_json(p)["state"] for p in storage.glob(f"{run_dir}/*/status.json")]
+    statuses = [storage.read_json(storage.join(d, "status.json"))["state"]
+                for d in recorded_stage_dirs(run_dir).values()]
     assert statuses and set(statuses) == {"succeeded"}
