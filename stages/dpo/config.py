@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.preflight import EVAL_DATA, GLOBS, MODEL_DIR
+from pipeline.stage import added
+from stages.lm.lora_config import LoraSpec
 from stages.lm.train_config import EvalConfig, TrainConfig, TrainingStageConfig, start_model_check
 
 
@@ -33,7 +35,9 @@ class DPOConfig(TrainingStageConfig):
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="conservative DPO (sigmoid loss only)")
     reference: Literal["precompute", "in_memory"] = Field(
         "precompute", description="reference log-probs from a first pass over the data (one model in "
-                                  "training), or a frozen reference model kept in memory; same results")
+                                  "training), or a frozen reference model kept in memory; same results. "
+                                  "With lora, in_memory (its default there) is the base with the adapters "
+                                  "disabled: no second model")
     init_from: str | None = Field(None, description="a Hugging Face model directory to start from "
                                                     "(only without an sft stage)",
         json_schema_extra=MODEL_DIR)
@@ -41,6 +45,8 @@ class DPOConfig(TrainingStageConfig):
     train: TrainConfig = TrainConfig(steps=500, micro_batch=4, lr=1e-6, min_lr=0.0, warmup=10,
                                      weight_decay=0.0)
     eval: EvalConfig = EvalConfig(every=100, batches=16)
+    lora: LoraSpec | None = added(None, description="train low-rank adapters instead of every weight: "
+                                                     "adapter/ (PEFT format) and model/ (merged)")
 
     @model_validator(mode="after")
     def _check(self) -> DPOConfig:
@@ -52,6 +58,11 @@ class DPOConfig(TrainingStageConfig):
                              "to leave room for the completion")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ValueError(f"label_smoothing applies to the sigmoid loss only, not {self.loss_type!r}")
+        if self.lora is not None and "reference" not in self.model_fields_set:
+            self.reference = "in_memory"  # LoRA's reference: the base with the adapters disabled
+        if self.lora is not None and self.lora.modules_to_save and self.reference == "in_memory":
+            raise ValueError("lora.modules_to_save trains base modules in place, so the base with the "
+                             "adapters disabled is no longer the reference: set reference: precompute")
         return self
 
 

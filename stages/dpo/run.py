@@ -28,7 +28,8 @@ from pipeline.stage import StageContext
 from stages.dpo.config import DPOConfig
 from stages.dpo.prepare import DataSpec, prepare, prepared
 from stages.dpo.reference import ReferenceJob, load_reference, run_jobs
-from stages.lm.trainer import FitResult
+from stages.lm.lora_config import check_lora_model
+from stages.lm.trainer import FitResult, lora_stats
 
 
 def model_source(config: DPOConfig, ctx: StageContext) -> tuple[str, str]:
@@ -120,6 +121,7 @@ def run(config: DPOConfig, ctx: StageContext) -> FitResult:
     from stages.lm.trainer import fit
 
     model_dir, tokenizer_dir = model_source(config, ctx)
+    check_lora_model(config.lora, model_dir, "dpo")
     tokenizer_json = storage.read_text(storage.join(tokenizer_dir, "tokenizer.json"))
     pad_id = _pad_id(tokenizer_json)
     summary = _data_step(config, ctx, tokenizer_json)
@@ -136,14 +138,14 @@ def run(config: DPOConfig, ctx: StageContext) -> FitResult:
                     100 * base["base_eval_logp_accuracy"])
 
     task = DPOTask(model_dir, tokenizer_dir, ctx.out_dir, config.max_len, pad_id, config.beta,
-                   config.loss_type, config.label_smoothing, config.reference)
+                   config.loss_type, config.label_smoothing, config.reference, lora=config.lora is not None)
     result = fit(task, config, ctx)
 
     _score(config, ctx, result.model_dir, pad_id, ["val"], "policy_logps")
     heldout = heldout_metrics(config, load_reference(ctx.path("policy_logps", "val"), n_val), ref_val)
     ctx.tracker.log_metrics(base | heldout, step=result.steps)
     stats = {"data": summary, "steps": result.steps, "metrics": result.metrics, "heldout_pairs": n_val,
-             **base, **heldout}
+             **base, **heldout, **lora_stats(config, result)}
     storage.write_json(ctx.path("stats.json"), stats)
     ctx.logger.info("dpo: %d steps; on %d held-out pairs: rewards/accuracies %.3f, the sft model's own "
                     "preference accuracy %.3f (the trained policy's %.3f)", result.steps, n_val,

@@ -13,17 +13,18 @@ from stages.lm.trainer import TrainTask
 
 class DPOTask(TrainTask):
     """Policy = the model in ``model_dir``; reference = precomputed log-probs in ``<out>/reference`` or,
-    with ``reference="in_memory"``, a frozen copy of that model built in each worker.
+    with ``reference="in_memory"``, a frozen copy of that model built in each worker; with ``lora`` and
+    ``in_memory``, the policy itself with its adapters disabled (the frozen base: no second model).
 
     Chosen and rejected sequences of a micro-batch go through the policy in one forward pass.
     """
 
     def __init__(self, model_dir: str, tokenizer_dir: str, out_dir: str, max_len: int, pad_id: int,
-                 beta: float, loss_type: str, label_smoothing: float, reference: str):
+                 beta: float, loss_type: str, label_smoothing: float, reference: str, lora: bool = False):
         self.model_dir, self.tokenizer_dir, self.out_dir = model_dir, tokenizer_dir, out_dir
         self.max_len, self.pad_id = max_len, pad_id
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
-        self.reference = reference
+        self.reference, self.lora = reference, lora
         self._data: dict[str, PairData] = {}
         self._ref_model: Any = None
 
@@ -59,6 +60,11 @@ class DPOTask(TrainTask):
 
         if "ref_logps" in batch:
             return batch["ref_logps"]
+        if self.lora:
+            from stages.lm.lora import adapters_disabled
+
+            with torch.no_grad(), adapters_disabled(model):
+                return pair_logps(model, batch)
         if self._ref_model is None:
             module = getattr(model, "module", model)
             dtype = next(module.parameters()).dtype  # the engine's compute dtype (bf16 on GPU)

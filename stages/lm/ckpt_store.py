@@ -194,7 +194,11 @@ class CheckpointStore:
 
     def put_model(self, local_model: Path) -> None:
         """Upload an exported model directory to ``<out>/model`` (object store)."""
+        self.put_dir(local_model, "model")
+
+    def put_dir(self, local_dir: Path, name: str) -> None:
+        """Upload a directory written in ``local_out`` to ``<out>/<name>`` (object store; local: nothing)."""
         if self.remote is not None:
-            storage.remove(storage.join(self.out, "model"), recursive=True)
-            upload_tree(local_model, storage.join(self.out, "model"))
-            shutil.rmtree(local_model, ignore_errors=True)
+            storage.remove(storage.join(self.out, name), recursive=True)
+            upload_tree(local_dir, storage.join(self.out, name))
+            shutil.rmtree(local_dir, ignore_errors=True)

@@ -12,7 +12,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ class WorkerEnv:
     out: Path  # where rank 0 writes metrics: the stage directory, or a node-local staging directory
     store: CheckpointStore
     out_url: str  # the stage directory (a local path or an object-store URL)
+    params: dict[str, float] = field(default_factory=dict)  # trainable/total parameter counts
+    lora_base: str | None = None  # LoRA: the base model's fingerprint (checkpoints hold the adapters only)
 
 
 def seed_all(seed: int) -> None:
@@ -82,14 +84,16 @@ def _setup(lc: dict[str, Any]) -> WorkerEnv:
 
     reset_io()
     store = CheckpointStore(lc["out_dir"], tc.get_world_rank(), tc.get_local_rank())
-    return WorkerEnv(tc.get_world_rank(), tc.get_world_size(), device, store.local_out, store, lc["out_dir"])
+    return WorkerEnv(tc.get_world_rank(), tc.get_world_size(), device, store.local_out, store, lc["out_dir"],
+                     lora_base=lc.get("lora_base"))
 
 
 def _param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only (not norms), as is standard for LLaMA-style models."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # LoRA: no trainable norms, no empty group for ZeRO
 
 
 def _engine(lc: dict[str, Any], env: WorkerEnv):
@@ -101,6 +105,13 @@ def _engine(lc: dict[str, Any], env: WorkerEnv):
     seed_all(train.seed)  # identical initial weights on every rank
     model = lc["task"].build_model()
     model.activation_checkpointing = spec.activation_checkpointing
+    if lc.get("lora") is not None:
+        from stages.lm.lora import apply_lora
+
+        apply_lora(model, lc["lora"])  # before the per-rank seeds: the same adapters on every rank
+    from stages.lm.lora import trainable_summary
+
+    env.params = trainable_summary(model)  # before ZeRO-3 partitions the parameters
     seed_all(train.seed + 7919 * env.rank)  # per-rank streams for anything random in the task
     groups = _param_groups(model, train.weight_decay)
     config = ds_config(train, spec, env.world, scaling.use_gpu)
@@ -150,8 +161,10 @@ def _load(engine, loader, env: WorkerEnv, found: tuple[int, str, dict[str, Any]]
     from stages.lm.safe_load import guarded
 
     with guarded(path):
+        # LoRA checkpoints hold the trained weights only; the frozen base comes from the base model
         loaded, _ = engine.load_checkpoint(str(root), tag=name, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
+                                           load_lr_scheduler_states=True,
+                                           load_module_strict=env.lora_base is None)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {store.url}/{name}")
     client = ckpt.load_trainer_state(path)
@@ -265,7 +278,8 @@ def _save(engine, loader, env: WorkerEnv, state: dict[str, Any], keep: int) -> N
     store = env.store
     tag = f"step-{state['step']}"
     tag_dir = store.tag_dir(tag)
-    engine.save_checkpoint(str(store.save_root), tag=tag, save_latest=False)
+    lora = env.lora_base is not None
+    engine.save_checkpoint(str(store.save_root), tag=tag, save_latest=False, exclude_frozen_parameters=lora)
     if env.rank == 0:
         ckpt.save_trainer_state(tag_dir, {**state, "loader": loader.state_dict()})
     ckpt.save_rng(tag_dir, env.rank)
@@ -274,7 +288,8 @@ def _save(engine, loader, env: WorkerEnv, state: dict[str, Any], keep: int) -> N
         store.upload_metrics()  # they cover this step before the marker vouches for it
     dist.barrier()  # every rank's files are in place
     if env.rank == 0:
-        store.mark(tag, {"step": state["step"], "world_size": env.world, "tokens": state["tokens"]})
+        info = {"step": state["step"], "world_size": env.world, "tokens": state["tokens"]}
+        store.mark(tag, info | ({"lora_base": env.lora_base} if lora else {}))
         store.prune(keep)
     dist.barrier()
 
@@ -288,6 +303,12 @@ def _export(engine, lc: dict[str, Any], env: WorkerEnv) -> None:
 
     def write():
         if env.rank == 0:
+            if lc.get("lora") is not None:
+                from stages.lm.lora import merge_lora, save_adapter
+
+                save_adapter(engine.module, lc["lora"], lc["task"].model_dir, str(env.out / "adapter"))
+                env.store.put_dir(env.out / "adapter", "adapter")
+                merge_lora(engine.module)  # model/ holds the merged weights
             export_hf(engine.module, lc["task"].tokenizer_dir, str(env.out / "model"))
             env.store.put_model(env.out / "model")
 
@@ -413,8 +434,27 @@ def train_loop(lc: dict[str, Any]) -> None:
         env.store.upload_metrics()
     _export(engine, lc, env)
     io = _io_totals(env)
+    peak = _peak_memory_mb(env)
     if env.rank == 0:
-        _write_json(env, RESULT_FILE, {"steps": state["step"], "tokens": state["tokens"], "io": io})
+        _write_json(env, RESULT_FILE, {"steps": state["step"], "tokens": state["tokens"], "io": io,
+                                       "params": env.params, "peak_memory_mb": peak})
+
+
+def _peak_memory_mb(env: WorkerEnv) -> float:
+    """Peak memory of the busiest rank in MiB: allocated device memory on a GPU, else the process's
+    peak resident set (``getrusage``; the model, gradients, optimizer state, activations and the runtime)."""
+    import resource
+
+    import torch
+    import torch.distributed as dist
+
+    if env.device.type == "cuda":
+        mb = torch.cuda.max_memory_allocated(env.device) / 2**20
+    else:
+        mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    t = torch.tensor([mb], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def _heartbeats(lc: dict[str, Any], env: WorkerEnv, step: int):

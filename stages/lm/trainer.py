@@ -79,6 +79,9 @@ class FitResult:
     model_dir: str = ""
     checkpoint_dir: str = ""
     io: dict[str, int] = field(default_factory=dict)  # bytes_uploaded / bytes_downloaded (object store)
+    params: dict[str, float] = field(default_factory=dict)  # trainable_params, total_params, trainable_share
+    peak_memory_mb: float | None = None  # busiest rank: GPU allocated memory, or peak RSS on CPU
+    adapter_dir: str = ""  # LoRA: the adapter in PEFT's format
 
 
 def final_metrics(metrics_path: Path | str) -> dict[str, float]:
@@ -135,11 +138,13 @@ def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext) -> FitResu
     heartbeats = Heartbeats.remote()
     ray_dir = _driver_dir(str(out)) / "ray" if remote else Path(out) / "ray"
     sc = cfg.scaling
+    lora = getattr(cfg, "lora", None)
+    lora_base = _lora_base(task, lora, str(out), ctx.name)
     loop_config = {
         "task": task, "train": cfg.train, "scaling": sc, "deepspeed": cfg.deepspeed,
         "checkpoint": cfg.checkpoint, "eval": cfg.eval, "log_every": cfg.log_every, "health": cfg.health,
         "out_dir": str(out), "tracker_spec": ctx.tracker.spec(), "progress": ctx.progress, "hooks": hooks,
-        "peak_flops": _peak_flops(sc), "heartbeats": heartbeats,
+        "peak_flops": _peak_flops(sc), "heartbeats": heartbeats, "lora": lora, "lora_base": lora_base,
     }
     resources = {"CPU": sc.cpus_per_worker} | ({"GPU": 1} if sc.use_gpu else {})
     trainer = TorchTrainer(
@@ -179,7 +184,33 @@ def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext) -> FitResu
     if remote:
         ctx.tracker.log_metrics({f"io/{k}": float(v) for k, v in io.items()}, step=result["steps"])
     return FitResult(steps=result["steps"], metrics=metrics, model_dir=model_dir,
-                     checkpoint_dir=storage.join(str(out), "checkpoints"), io=io)
+                     checkpoint_dir=storage.join(str(out), "checkpoints"), io=io,
+                     params=result.get("params", {}), peak_memory_mb=result.get("peak_memory_mb"),
+                     adapter_dir=storage.join(str(out), "adapter") if lora is not None else "")
+
+
+def lora_stats(cfg: TrainingStageConfig, result: FitResult) -> dict[str, dict]:
+    """What a LoRA run adds to its stage's ``stats.json`` (nothing without ``lora``): the trainable and
+    total parameters, the trainable share, the peak memory and where the adapter is."""
+    if getattr(cfg, "lora", None) is None:
+        return {}
+    return {"lora": {**result.params, "peak_memory_mb": result.peak_memory_mb,
+                     "adapter_dir": result.adapter_dir}}
+
+
+def _lora_base(task: TrainTask, lora, out: str, name: str) -> str | None:
+    """With LoRA: the fingerprint of the base model (``task.model_dir``) the adapters train on; refuses
+    to resume checkpoints trained on another base (they hold the adapters only)."""
+    if lora is None:
+        return None
+    from stages.lm.lora import base_fingerprint, resume_base_mismatch
+
+    fingerprint = base_fingerprint(task.model_dir)
+    stale = resume_base_mismatch(storage.join(out, "checkpoints"), fingerprint)
+    if stale is not None:
+        raise SeedlineError(f"{name}: the LoRA checkpoint {stale} was trained on another base model than "
+                            f"{task.model_dir}; delete {storage.join(out, 'checkpoints')} to start over")
+    return fingerprint
 
 
 def _driver_dir(out_url: str) -> Path:

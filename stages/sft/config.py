@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.preflight import EVAL_DATA, GLOBS, MODEL_DIR
+from pipeline.stage import added
+from stages.lm.lora_config import LoraSpec
 from stages.lm.train_config import TrainConfig, TrainingStageConfig, start_model_check
 
 
@@ -35,6 +37,8 @@ class SFTConfig(TrainingStageConfig):
         json_schema_extra=MODEL_DIR)
     # Fine-tuning defaults: TRL's SFTTrainer learning rate, no weight decay.
     train: TrainConfig = TrainConfig(steps=1000, lr=2e-5, min_lr=2e-6, warmup=30, weight_decay=0.0)
+    lora: LoraSpec | None = added(None, description="train low-rank adapters instead of every weight: "
+                                                     "adapter/ (PEFT format) and model/ (merged)")
 
     @model_validator(mode="after")
     def _check(self) -> SFTConfig:

@@ -22,6 +22,7 @@ from typing import Any
 from pipeline import storage
 from pipeline.errors import ConfigError, SeedlineError
 from pipeline.stage import StageContext
+from stages.lm.lora_config import check_lora_model
 from stages.sft.config import SFTConfig
 from stages.sft.prepare import DataSpec, prepare
 from stages.sft.task import SFTTask, heldout_loss
@@ -123,12 +124,13 @@ def _baseline(task: SFTTask, config: SFTConfig, ctx: StageContext) -> float:
 
 def run(config: SFTConfig, ctx: StageContext) -> dict[str, Any]:
     """Run the sft stage (see the module docstring); returns what ``stats.json`` holds."""
-    from stages.lm.trainer import fit
+    from stages.lm.trainer import fit, lora_stats
 
     model_dir, tok_src = _sources(config, ctx)
     tok_dir = ctx.path("tokenizer")
     tok_json = prepare_tokenizer(tok_src, tok_dir, ctx.logger)
     _check_model(model_dir, tok_json, config)
+    check_lora_model(config.lora, model_dir, "sft")
     summary = _prepare_data(config, tok_json, ctx)
     _check_rows(config, summary)
     task = SFTTask(model_dir=model_dir, tokenizer_dir=tok_dir, data_dir=ctx.path("data"),
@@ -137,7 +139,7 @@ def run(config: SFTConfig, ctx: StageContext) -> dict[str, Any]:
     result = fit(task, config, ctx)
     final = result.metrics.get("eval_loss")
     stats = {"data": summary, "steps": result.steps, "base_eval_loss": base, "eval_loss": final,
-             "model_dir": result.model_dir}
+             "model_dir": result.model_dir, **lora_stats(config, result)}
     counts = {f"data/{split}_{k}": float(v) for split in ("train", "val")
               for k, v in summary[split].items() if isinstance(v, int | float)}
     ctx.tracker.log_metrics(counts, step=result.steps)
