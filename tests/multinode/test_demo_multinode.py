@@ -85,6 +85,8 @@ def test_demo_pipeline_on_s3_equals_the_local_workdir_run(cluster3, local_demo, 
         compared = 0
         for f in local_files:
             rel = f.relative_to(local_dirs[stage]).as_posix()
+            if rel.startswith("work/"):
+                continue  # the sub-steps' markers hold input paths, which differ between workdirs
             if f.suffix in (".parquet", ".arrow") or f.name in ("manifest.json", "tokenizer.json"):
                 assert storage.read_bytes(f"{s3_dirs[stage]}/{rel}") == f.read_bytes(), f"{stage}/{rel}"
                 compared += 1
