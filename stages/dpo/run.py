@@ -139,13 +139,13 @@ def run(config: DPOConfig, ctx: StageContext) -> FitResult:
 
     task = DPOTask(model_dir, tokenizer_dir, ctx.out_dir, config.max_len, pad_id, config.beta,
                    config.loss_type, config.label_smoothing, config.reference, lora=config.lora is not None)
-    result = fit(task, config, ctx)
+    result = fit(task, config, ctx, lora=config.lora)
 
     _score(config, ctx, result.model_dir, pad_id, ["val"], "policy_logps")
     heldout = heldout_metrics(config, load_reference(ctx.path("policy_logps", "val"), n_val), ref_val)
     ctx.tracker.log_metrics(base | heldout, step=result.steps)
     stats = {"data": summary, "steps": result.steps, "metrics": result.metrics, "heldout_pairs": n_val,
-             **base, **heldout, **lora_stats(config, result)}
+             **base, **heldout, **lora_stats(config.lora, result)}
     storage.write_json(ctx.path("stats.json"), stats)
     ctx.logger.info("dpo: %d steps; on %d held-out pairs: rewards/accuracies %.3f, the sft model's own "
                     "preference accuracy %.3f (the trained policy's %.3f)", result.steps, n_val,

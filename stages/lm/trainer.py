@@ -34,6 +34,7 @@ from pipeline import storage
 from pipeline.errors import SeedlineError
 from pipeline.stage import StageContext
 from stages.lm import faults
+from stages.lm.lora_config import LoraSpec
 from stages.lm.model_card import card_info, write_model_card
 from stages.lm.train_config import TrainingStageConfig
 from stages.lm.train_worker import ERROR_FILE, RESULT_FILE, train_loop
@@ -116,9 +117,10 @@ def _peak_flops(scaling) -> float | None:
     return None
 
 
-def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext) -> FitResult:
+def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext,
+        lora: LoraSpec | None = None) -> FitResult:
     """Train ``task`` with the stage's training sections, resuming from ``<ctx.out_dir>/checkpoints``;
-    see the module docstring."""
+    with ``lora`` (the sft/dpo stage's own section) only low-rank adapters train. See the module docstring."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -138,7 +140,6 @@ def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext) -> FitResu
     heartbeats = Heartbeats.remote()
     ray_dir = _driver_dir(str(out)) / "ray" if remote else Path(out) / "ray"
     sc = cfg.scaling
-    lora = getattr(cfg, "lora", None)
     lora_base = _lora_base(task, lora, str(out), ctx.name)
     loop_config = {
         "task": task, "train": cfg.train, "scaling": sc, "deepspeed": cfg.deepspeed,
@@ -189,10 +190,10 @@ def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext) -> FitResu
                      adapter_dir=storage.join(str(out), "adapter") if lora is not None else "")
 
 
-def lora_stats(cfg: TrainingStageConfig, result: FitResult) -> dict[str, dict]:
+def lora_stats(lora: LoraSpec | None, result: FitResult) -> dict[str, dict]:
     """What a LoRA run adds to its stage's ``stats.json`` (nothing without ``lora``): the trainable and
     total parameters, the trainable share, the peak memory and where the adapter is."""
-    if getattr(cfg, "lora", None) is None:
+    if lora is None:
         return {}
     return {"lora": {**result.params, "peak_memory_mb": result.peak_memory_mb,
                      "adapter_dir": result.adapter_dir}}

@@ -136,10 +136,10 @@ def run(config: SFTConfig, ctx: StageContext) -> dict[str, Any]:
     task = SFTTask(model_dir=model_dir, tokenizer_dir=tok_dir, data_dir=ctx.path("data"),
                    max_len=config.max_len, packing=config.packing, pad_id=_pad_id(tok_json))
     base = _baseline(task, config, ctx)
-    result = fit(task, config, ctx)
+    result = fit(task, config, ctx, lora=config.lora)
     final = result.metrics.get("eval_loss")
     stats = {"data": summary, "steps": result.steps, "base_eval_loss": base, "eval_loss": final,
-             "model_dir": result.model_dir, **lora_stats(config, result)}
+             "model_dir": result.model_dir, **lora_stats(config.lora, result)}
     counts = {f"data/{split}_{k}": float(v) for split in ("train", "val")
               for k, v in summary[split].items() if isinstance(v, int | float)}
     ctx.tracker.log_metrics(counts, step=result.steps)
