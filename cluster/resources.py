@@ -25,6 +25,15 @@ def _field(scaling: Any, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def worker_range(scaling: Any) -> tuple[int, int]:
+    """``(min, max)`` workers: a count ``n`` is ``(n, n)``; an elastic ``{min, max}`` its bounds."""
+    n = _field(scaling, "num_workers", 1)
+    if isinstance(n, int):
+        return n, n
+    lo, hi = (n.get("min"), n.get("max")) if isinstance(n, dict) else (n.min, n.max)
+    return int(lo), int(hi)
+
+
 def per_worker(scaling: Any) -> dict[str, float]:
     """Resources one training worker asks for."""
     res = {"CPU": float(_field(scaling, "cpus_per_worker", 1))}
@@ -35,16 +44,17 @@ def per_worker(scaling: Any) -> dict[str, float]:
 
 def scaling_config_kwargs(scaling: Any) -> dict[str, Any]:
     """Keyword arguments for ``ray.train.ScalingConfig``."""
+    lo, hi = worker_range(scaling)
     return {
-        "num_workers": int(_field(scaling, "num_workers", 1)),
+        "num_workers": lo if lo == hi else (lo, hi),
         "use_gpu": bool(_field(scaling, "use_gpu", False)),
         "resources_per_worker": per_worker(scaling),
     }
 
 
 def required(scaling: Any) -> dict[str, float]:
-    """Total resources of all workers of a stage."""
-    n = int(_field(scaling, "num_workers", 1))
+    """Total resources the workers of a stage need to start (an elastic stage: its minimum)."""
+    n = worker_range(scaling)[0]
     return {k: v * n for k, v in per_worker(scaling).items()}
 
 
@@ -80,7 +90,7 @@ def check_resources(stage_name: str, scaling: Any, cluster_resources: dict[str, 
     """Raise ``ConfigError`` (naming the stage's ``scaling`` keys) if the stage needs more CPUs or GPUs
     than ``cluster_resources`` holds in total."""
     need = required(scaling)
-    n = int(_field(scaling, "num_workers", 1))
+    n = worker_range(scaling)[0]
     for kind, unit in (("GPU", "GPUs"), ("CPU", "CPUs")):
         want = need.get(kind, 0.0)
         have = float(cluster_resources.get(kind, 0.0))

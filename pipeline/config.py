@@ -6,6 +6,7 @@ registered. Every error names the key path (``stages.tokenize.seq_len: must be >
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +76,21 @@ def _describe(err: dict[str, Any]) -> str:
     return text
 
 
+_KEY_FIRST = re.compile(r"^([a-z_][a-z0-9_.]*): (.+)$", re.S)
+
+
 def _raise_validation(prefix: str, e: ValidationError) -> None:
+    """The first error as a ``ConfigError`` naming its key path. Union tags starting with ``~`` are not
+    keys and are left out; a model validator that names a nested key first (``"scaling.num_workers:
+    ..."``) gets that key appended to the path."""
     err = e.errors()[0]
-    loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
-    raise ConfigError(loc, _describe(err)) from None
+    parts = [str(p) for p in (prefix, *err["loc"]) if p != "" and not str(p).startswith("~")]
+    text = _describe(err)
+    m = _KEY_FIRST.match(text)
+    if m:
+        parts.append(m.group(1))
+        text = m.group(2)
+    raise ConfigError(".".join(parts), text) from None
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:

@@ -29,6 +29,8 @@ def result_fields(model: BaseModel) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
+    if hasattr(value, "fingerprint_value"):  # a value that stands for something narrower (WorkerRange)
+        return _plain(value.fingerprint_value())
     if isinstance(value, BaseModel):
         return result_fields(value)
     if isinstance(value, dict):

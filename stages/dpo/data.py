@@ -275,13 +275,16 @@ class PairLoader:
     every rank and resumes at exactly the next batch.
     """
 
-    def __init__(self, data: PairData, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
-        if batch_size * world_size > len(data):
-            raise ValueError(f"{len(data)} training pairs, fewer than one global batch of "
-                             f"{batch_size * world_size} (micro_batch x workers); lower the batch size")
+    def __init__(self, data: PairData, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 accum: int = 1):
+        self.step_rows = batch_size * world_size * accum  # pairs of one optimizer step
+        if self.step_rows > len(data):
+            raise ValueError(f"{len(data)} training pairs, fewer than one optimizer step of {self.step_rows} "
+                             "(micro_batch x workers x accumulation); lower the batch size")
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.epoch, self.consumed = 0, 0
+        self.last_indices = np.empty(0, np.int64)  # this rank's pairs of the latest batch (for tracing)
 
     def _order(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.data))
@@ -291,11 +294,13 @@ class PairLoader:
 
     def __next__(self) -> dict[str, Any]:
         gb = self.batch_size * self.world_size
-        if self.consumed + gb > len(self.data):
+        # an epoch ends between optimizer steps only, so a step takes the same pairs at any world size
+        if self.consumed % self.step_rows == 0 and self.consumed + self.step_rows > len(self.data):
             self.epoch, self.consumed = self.epoch + 1, 0
         start = self.consumed + self.rank * self.batch_size
         idx = self._order()[start: start + self.batch_size]
         self.consumed += gb
+        self.last_indices = idx
         return self.data.batch(idx)
 
     def state_dict(self) -> dict[str, int]:

@@ -71,7 +71,7 @@ def _data_step(config: DPOConfig, ctx: StageContext, tokenizer_json: str) -> dic
         ctx.progress.update(phase="data", force=True)
         spec = DataSpec(config.data, config.val, config.val_fraction, config.max_len, config.max_prompt_len)
         summary = prepare(spec, tokenizer_json, ctx.out_dir)
-    n_train, n_val, workers = summary["train"]["pairs"], summary["val"]["pairs"], config.scaling.num_workers
+    n_train, n_val, workers = summary["train"]["pairs"], summary["val"]["pairs"], config.scaling.max_workers
     ctx.logger.info("dpo: %d training pairs, %d held out, %d quarantined (see rejects/)", n_train, n_val,
                     summary["train"]["quarantined"] + summary["val"]["quarantined"])
     if n_train < config.train.micro_batch * workers:
@@ -95,7 +95,7 @@ def _score(config: DPOConfig, ctx: StageContext, model_dir: str, pad_id: int, sp
         return
     ctx.init_ray()
     ctx.progress.update(phase=dest, force=True)
-    run_jobs(jobs, config.scaling.num_workers, config.scaling.cpus_per_worker)
+    run_jobs(jobs, config.scaling.max_workers, config.scaling.cpus_per_worker)
 
 
 def preference_accuracy(logps: np.ndarray) -> float:

@@ -49,8 +49,9 @@ class DPOTask(TrainTask):
 
         return import_hf(self.model_dir)
 
-    def train_loader(self, rank: int, world_size: int, micro_batch: int, seed: int) -> PairLoader:
-        return PairLoader(self.data("train"), micro_batch, rank, world_size, seed)
+    def train_loader(self, rank: int, world_size: int, micro_batch: int, seed: int,
+                     accum: int = 1) -> PairLoader:
+        return PairLoader(self.data("train"), micro_batch, rank, world_size, seed, accum)
 
     def val_batches(self, rank: int, world_size: int, micro_batch: int, limit: int) -> list[dict]:
         return val_batches(self.data("val"), rank, world_size, micro_batch, limit)

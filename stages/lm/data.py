@@ -220,21 +220,30 @@ class Loader:
     possible (ranks differ by at most one sample; a rank may get an empty batch when fewer samples than
     ranks remain), so every sample is seen exactly once: use that for validation.
 
+    With ``drop_last`` an epoch ends only between optimizer steps of ``accum`` batches: whether a step of
+    ``batch_size * world_size * accum`` rows still fits is judged at its first batch, so the same step
+    split over another number of ranks (and a matching ``accum``) takes exactly the same rows.
+
     ``epoch_batches()`` yields the rest of the current epoch (a full pass on a fresh loader). The state
-    (``epoch``, ``consumed``) is the same on every rank; saving rank 0's is enough.
+    (``epoch``, ``consumed``) is the same on every rank; saving rank 0's is enough, and it resumes at any
+    world size.
     """
 
     def __init__(self, dataset: PackedDataset, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, doc_mask: bool = False, drop_last: bool = True):
+                 seed: int = 0, shuffle: bool = True, doc_mask: bool = False, drop_last: bool = True,
+                 accum: int = 1):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size (got {batch_size}, {rank}, "
                              f"{world_size})")
-        if len(dataset) == 0 or (drop_last and len(dataset) < batch_size * world_size):
-            raise ValueError(f"{dataset.split}: {len(dataset)} rows, fewer than one global batch of "
-                             f"{batch_size * world_size}; lower the batch size or set drop_last=False")
+        if len(dataset) == 0 or (drop_last and len(dataset) < batch_size * world_size * accum):
+            raise ValueError(f"{dataset.split}: {len(dataset)} rows, fewer than one optimizer step of "
+                             f"{batch_size * world_size * accum} (batch x ranks x accumulation); lower the "
+                             "batch size or set drop_last=False")
         self.dataset = dataset
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle, self.doc_mask, self.drop_last = seed, shuffle, doc_mask, drop_last
+        self.step_rows = batch_size * world_size * accum  # rows of one optimizer step
+        self.last_indices = np.empty(0, np.int64)  # this rank's rows of the latest batch (for tracing)
         self.epoch = 0
         self.consumed = 0  # samples of this epoch taken by all ranks together
         self._order_epoch: int | None = None
@@ -260,7 +269,8 @@ class Loader:
 
     def _exhausted(self) -> bool:
         left = len(self.dataset) - self.consumed
-        return left == 0 or (self.drop_last and left < self.global_batch)
+        at_step_start = self.consumed % self.step_rows == 0
+        return left == 0 or (self.drop_last and at_step_start and left < self.step_rows)
 
     def next_indices(self) -> np.ndarray:
         """This rank's row indices of the next step (advances the position)."""
@@ -271,8 +281,10 @@ class Loader:
         step = self.order(self.epoch)[self.consumed: self.consumed + take]
         self.consumed += take
         if take == self.global_batch:
-            return step[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
-        return np.array_split(step, self.world_size)[self.rank]
+            self.last_indices = step[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
+        else:
+            self.last_indices = np.array_split(step, self.world_size)[self.rank]
+        return self.last_indices
 
     def __iter__(self) -> Loader:
         return self

@@ -6,13 +6,17 @@ read once by the driver (``from_env``) and passed to the workers in the loop con
 - ``SEEDLINE_TRAIN_FAIL_WORKER_AT_STEP=N``: rank 1 exits once after step N (a lost node; Ray Train
   replaces the worker group);
 - ``SEEDLINE_TRAIN_FREEZE_WORKER_AT_STEP=N``: rank 1 stops itself (SIGSTOP) once after step N (a hung
-  worker: only the stall watchdog notices).
+  worker: only the stall watchdog notices);
+- ``SEEDLINE_TRAIN_TRACE_DIR=DIR``: not a fault but a probe: every rank appends the sample indices of each
+  training micro-batch to ``DIR/world-<w>-rank-<r>.jsonl`` (``{"step", "rows"}``), so a test can check that
+  a resume (at any worker count) skips no sample and repeats none.
 
 Each worker-side hook fires once per stage directory (a flag file there), so the restarted group runs on.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -24,15 +28,29 @@ from pipeline import storage
 KILL_ENV = "SEEDLINE_TRAIN_KILL_AT_STEP"
 FAIL_WORKER_ENV = "SEEDLINE_TRAIN_FAIL_WORKER_AT_STEP"
 FREEZE_WORKER_ENV = "SEEDLINE_TRAIN_FREEZE_WORKER_AT_STEP"
+TRACE_ENV = "SEEDLINE_TRAIN_TRACE_DIR"
 _ENV = {"kill_at": KILL_ENV, "fail_worker_at": FAIL_WORKER_ENV, "freeze_worker_at": FREEZE_WORKER_ENV}
 
 
-def from_env() -> dict[str, int]:
-    """The armed hooks (driver side): name -> step."""
-    return {key: int(os.environ[env]) for key, env in _ENV.items() if os.environ.get(env)}
+def from_env() -> dict[str, Any]:
+    """The armed hooks (driver side): name -> step (or the trace directory)."""
+    hooks: dict[str, Any] = {key: int(os.environ[env]) for key, env in _ENV.items() if os.environ.get(env)}
+    if os.environ.get(TRACE_ENV):
+        hooks["trace_dir"] = os.environ[TRACE_ENV]
+    return hooks
 
 
-def arm_driver(hooks: dict[str, int], ckpt_dir: str) -> None:
+def trace_batch(hooks: dict[str, Any], rank: int, world: int, step: int, rows: Any) -> None:
+    """Worker side, after taking a training micro-batch for optimizer step ``step``: record its rows."""
+    if "trace_dir" not in hooks:
+        return
+    path = os.path.join(hooks["trace_dir"], f"world-{world}-rank-{rank}.jsonl")
+    os.makedirs(hooks["trace_dir"], exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, "rows": [int(r) for r in rows]}) + "\n")
+
+
+def arm_driver(hooks: dict[str, Any], ckpt_dir: str) -> None:
     """Driver side: exit this process hard once the checkpoint of ``kill_at`` is complete."""
     if "kill_at" not in hooks:
         return

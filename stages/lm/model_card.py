@@ -135,8 +135,10 @@ def card_info(ctx, config, steps: int, tokens: int, metrics: dict[str, float]) -
     ``TrainingStageConfig``."""
     data = {k: getattr(config, k) for k in DATA_KEYS if getattr(config, k, None)}
     train, sc = config.train, config.scaling
-    settings = {"batch": f"{train.micro_batch} rows x {train.grad_accum} accumulation x {sc.num_workers} "
-                         f"worker(s)", "learning rate": train.lr, "ZeRO stage": config.deepspeed.zero_stage}
+    elastic = "" if sc.min_workers == sc.max_workers else f" (elastic {sc.min_workers}-{sc.max_workers})"
+    settings = {"batch": f"{train.micro_batch} rows x {train.grad_accum} accumulation x {sc.max_workers} "
+                         f"worker(s){elastic}",
+                "learning rate": train.lr, "ZeRO stage": config.deepspeed.zero_stage}
     return CardInfo(stage=ctx.name, run_dir=ctx.run_dir, fingerprint=ctx.fingerprint, steps=steps,
                     tokens=tokens, metrics=dict(metrics), data=data,
                     upstream=dict(getattr(ctx, "lineage", {}) or {}), settings=settings)

@@ -4,7 +4,8 @@ One directory per node, shared by every process on it (``SEEDLINE_NODE_CACHE``; 
 ``<Ray temp dir>/seedline-cache``, i.e. ``/tmp/ray/seedline-cache``), holding:
 
 - ``shards/``: tokenized shards, content-addressed by sha256 and size-bounded (``stages/lm/shard_cache.py``);
-- ``work/``: per-run staging of checkpoints and metrics before upload (``stages/lm/ckpt_store.py``).
+- ``work/``: per-run staging of checkpoints and metrics before upload (``stages/lm/ckpt_store.py``);
+- ``universal/``: a checkpoint converted for another worker count while it loads (``stages/lm/reshard.py``).
 
 Processes on one node coordinate with ``flock`` on files under ``locks/`` (released by the kernel when a
 process dies, so a killed rank never leaves a stale lock). ``IO`` counts the bytes this process moved to and

@@ -33,13 +33,14 @@ def allowed_globals() -> list[Any]:
             argparse.Namespace]
 
 
-def safe_torch_load(path: str | Path, map_location: Any = None) -> Any:
-    """``torch.load`` restricted to tensors, containers and ``allowed_globals()``."""
+def safe_torch_load(path: str | Path, map_location: Any = None, load: Any = None) -> Any:
+    """``torch.load`` (or ``load``, the original when ``torch.load`` itself is patched) restricted to
+    tensors, containers and ``allowed_globals()``."""
     import torch
 
     try:
         with torch.serialization.safe_globals(allowed_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return (load or torch.load)(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
         why = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")

@@ -10,9 +10,9 @@ partial block in a pipeline config is merged key by key under those defaults (``
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
 
 from pipeline.errors import ConfigError
 from pipeline.stage import StrictModel, added, volatile
@@ -55,16 +55,68 @@ class TrainConfig(StrictModel):
         return self
 
 
-class ScalingConfig(StrictModel):
-    """Where the workers run (Ray Train ``ScalingConfig`` and ``FailureConfig``)."""
+class WorkerRange(StrictModel):
+    """Elastic training: Ray Train runs between ``min`` and ``max`` workers, as many as the cluster can
+    place, and restarts the group at another size when a node is lost or capacity comes back."""
 
-    num_workers: int = Field(2, gt=0)
+    min: int = Field(gt=0)
+    max: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> WorkerRange:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+    def fingerprint_value(self) -> int:
+        """What identifies the result: the global batch is sized for ``max`` workers, and every size in
+        the range trains on that same batch (gradient accumulation makes up the difference)."""
+        return self.max
+
+
+def _count_or_range(value: Any) -> str:
+    return "~range" if isinstance(value, dict | WorkerRange) else "~count"
+
+
+class ScalingConfig(StrictModel):
+    """Where the workers run (Ray Train ``ScalingConfig`` and ``FailureConfig``).
+
+    ``num_workers`` is a count or a range ``{min, max}`` (elastic). The global batch is always
+    ``train.micro_batch * train.grad_accum * max`` rows; at ``w`` workers each optimizer step accumulates
+    ``grad_accum * max / w`` micro-batches, so a resume at another size continues the same optimisation."""
+
+    num_workers: Annotated[Annotated[int, Field(gt=0), Tag("~count")] | Annotated[WorkerRange, Tag("~range")],
+                           Discriminator(_count_or_range)] = Field(
+        2, description="workers, or {min, max} for elastic training (see the class docstring)")
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, gt=0)
     max_failures: int = Field(3, ge=0, description="worker-group restarts before the stage fails")
     peak_flops: float | None = Field(
         None, gt=0, description="per-device peak FLOP/s for MFU when the device is not in the built-in "
                                 "table (e.g. a CPU); None = no MFU on unknown devices")
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers.min
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers.max
+
+    def ray_num_workers(self) -> int | tuple[int, int]:
+        """Ray Train's ``ScalingConfig(num_workers=...)``: a count, or ``(min, max)`` for elastic training."""
+        return self.num_workers if isinstance(self.num_workers, int) else (self.min_workers, self.max_workers)
+
+
+def accumulation(train: TrainConfig, scaling: ScalingConfig, world: int) -> int:
+    """Micro-batches per optimizer step at ``world`` workers, keeping the global batch of ``max`` workers."""
+    rows = train.grad_accum * scaling.max_workers
+    if rows % world:
+        raise ValueError(f"the global batch of {train.micro_batch} x {train.grad_accum} x "
+                         f"{scaling.max_workers} rows cannot be split over {world} workers in whole "
+                         f"micro-batches of {train.micro_batch}: choose scaling.num_workers sizes that "
+                         f"divide train.grad_accum x max workers ({rows})")
+    return rows // world
 
 
 class DeepSpeedSpec(StrictModel):
@@ -138,6 +190,15 @@ class TrainingStageConfig(StrictModel):
     eval: EvalConfig = EvalConfig()
     log_every: int = volatile(10, ge=1, description="steps between MLflow metric points and log lines")
     health: HealthConfig = added(HealthConfig())
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> TrainingStageConfig:
+        for w in range(self.scaling.min_workers, self.scaling.max_workers + 1):
+            try:
+                accumulation(self.train, self.scaling, w)
+            except ValueError as e:
+                raise ValueError(f"scaling.num_workers: {e}") from None
+        return self
 
 
 def start_model_check(stage: str, upstream: str) -> Callable[[BaseModel, dict[str, list[str]]], None]:

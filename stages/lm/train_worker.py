@@ -8,6 +8,7 @@ A restarted attempt (Ray Train's ``FailureConfig``) simply calls it again and re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -24,6 +25,7 @@ from stages.lm.ckpt_store import CheckpointStore
 from stages.lm.ds_config import ds_config, lr_at, lr_factor
 from stages.lm.flops import flops_per_token, mfu
 from stages.lm.health_guard import Diverged, SpikeGuard, config_skips, skip_steps
+from stages.lm.train_config import accumulation
 from stages.lm.train_metrics import MetricsSink, mean_over_ranks
 
 ERROR_FILE = "train_error.json"
@@ -155,23 +157,37 @@ def _load(engine, loader, env: WorkerEnv, found: tuple[int, str, dict[str, Any]]
     _, name, marker = found
     root = store.fetch(name)
     path = root / name
-    if marker["world_size"] != env.world:
-        raise RuntimeError(f"{store.url}/{name} was written by {marker['world_size']} workers, this run has "
-                           f"{env.world}: DeepSpeed ZeRO checkpoints resume on the same worker count")
+    resharded = marker["world_size"] != env.world
+    load_root = root
+    if resharded and engine.zero_optimization_stage() > 0:
+        from stages.lm import reshard
+
+        # ZeRO partitions are cut for the writer's world size: load a world-size-free conversion
+        load_root = reshard.universal(root, name, env.out_url)
+    engine._config.load_universal_checkpoint = load_root is not root  # read by DeepSpeed at load time only
+    from stages.lm.reshard import own_group_settings
     from stages.lm.safe_load import guarded
 
-    with guarded(path):
+    keep = own_group_settings(engine) if load_root is not root else contextlib.nullcontext()
+    with guarded(path), keep:
         # LoRA checkpoints hold the trained weights only; the frozen base comes from the base model
-        loaded, _ = engine.load_checkpoint(str(root), tag=name, load_optimizer_states=True,
+        loaded, _ = engine.load_checkpoint(str(load_root), tag=name, load_optimizer_states=True,
                                            load_lr_scheduler_states=True,
                                            load_module_strict=env.lora_base is None)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {store.url}/{name}")
     client = ckpt.load_trainer_state(path)
     loader.load_state_dict(client["loader"])
-    ckpt.load_rng(path, env.rank)
+    if resharded:  # new ranks get fresh streams of their own; nothing in training draws from them today
+        seed_all(client["step"] * 1_000_003 + 7919 * env.rank)
+    else:
+        ckpt.load_rng(path, env.rank)
     dist.barrier()  # every rank of this node has read the restore copy
     store.release()
+    if load_root is not root:
+        from stages.lm import reshard
+
+        reshard.release(env.out_url, env.store.local_rank)
     return {**{k: client[k] for k in ("step", "tokens", "consumed_samples")}, "health": client.get("health")}
 
 
@@ -212,6 +228,7 @@ def _train_step(engine, loader, lc: dict[str, Any], env: WorkerEnv, step: int, g
     gn0 = None
     while done < train.grad_accum:
         batch = _to_device(next(loader), env.device)
+        faults.trace_batch(lc["hooks"], env.rank, env.world, step, loader.last_indices)
         loss, extra = task.loss(engine, batch)
         if not _all_finite(loss.detach(), env.device):
             if train.nan_policy == "stop":
@@ -250,15 +267,17 @@ def _train_step(engine, loader, lc: dict[str, Any], env: WorkerEnv, step: int, g
 
 
 def _evaluate(engine, lc: dict[str, Any], env: WorkerEnv) -> dict[str, float]:
-    """Mean validation loss (and extras) over ``eval.batches`` micro-batches per rank."""
+    """Mean validation loss (and extras) over ``eval.batches`` micro-batches per rank of the full world
+    (``max`` workers): fewer workers each take more, so the figure stays comparable across a resize."""
     import torch
 
     task, ev = lc["task"], lc["eval"]
+    limit = -(-ev.batches * lc["scaling"].max_workers // env.world)
     sums: dict[str, float] = {}
     n = 0
     engine.eval()
     with torch.no_grad():
-        for batch in task.val_batches(env.rank, env.world, lc["train"].micro_batch, ev.batches):
+        for batch in task.val_batches(env.rank, env.world, lc["train"].micro_batch, limit):
             loss, extra = task.loss(engine, _to_device(batch, env.device))
             for k, v in {"loss": loss, **extra}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -288,7 +307,8 @@ def _save(engine, loader, env: WorkerEnv, state: dict[str, Any], keep: int) -> N
         store.upload_metrics()  # they cover this step before the marker vouches for it
     dist.barrier()  # every rank's files are in place
     if env.rank == 0:
-        info = {"step": state["step"], "world_size": env.world, "tokens": state["tokens"]}
+        info = {"step": state["step"], "world_size": env.world, "tokens": state["tokens"],
+                "global_batch": engine.train_batch_size()}
         store.mark(tag, info | ({"lora_base": env.lora_base} if lora else {}))
         store.prune(keep)
     dist.barrier()
@@ -374,9 +394,12 @@ def train_loop(lc: dict[str, Any]) -> None:
     env = _setup(lc)
     import torch.distributed as dist
 
+    # the global batch is fixed by the config (max workers); this attempt's world size sets the accumulation
+    lc = {**lc, "train": lc["train"].model_copy(
+        update={"grad_accum": accumulation(lc["train"], lc["scaling"], env.world)})}
     task, train, ev, ck = lc["task"], lc["train"], lc["eval"], lc["checkpoint"]
     engine = _engine(lc, env)
-    loader = task.train_loader(env.rank, env.world, train.micro_batch, train.seed)
+    loader = task.train_loader(env.rank, env.world, train.micro_batch, train.seed, train.grad_accum)
     state = _resume(engine, loader, env)
     guard = SpikeGuard(lc["health"], state.pop("health"))
     sink = None

@@ -51,9 +51,10 @@ class TrainTask(ABC):
         """The ``CausalLM`` to train (called with the same torch seed on every rank)."""
 
     @abstractmethod
-    def train_loader(self, rank: int, world_size: int, micro_batch: int, seed: int):
+    def train_loader(self, rank: int, world_size: int, micro_batch: int, seed: int, accum: int = 1):
         """Endless iterator of batch dicts for this rank, with ``state_dict()`` / ``load_state_dict()``
-        for exact resume."""
+        for exact resume at any world size; an epoch ends only between optimizer steps of ``accum``
+        micro-batches (so the steps see the same rows whatever the split of a step over workers)."""
 
     @abstractmethod
     def val_batches(self, rank: int, world_size: int, micro_batch: int, limit: int) -> Iterable[dict]:
@@ -152,13 +153,15 @@ def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext,
         train_loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=sc.ray_num_workers(), use_gpu=sc.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=f"train-{ctx.name}", storage_path=str(ray_dir),
                                        failure_config=ray.train.FailureConfig(max_failures=sc.max_failures)),
     )
-    ctx.logger.info("%s: training %d steps on %d worker(s), ZeRO-%d", ctx.name, cfg.train.steps,
-                    sc.num_workers, cfg.deepspeed.zero_stage)
+    workers = (str(sc.max_workers) if sc.min_workers == sc.max_workers
+               else f"{sc.min_workers}-{sc.max_workers} (elastic)")
+    ctx.logger.info("%s: training %d steps on %s worker(s), ZeRO-%d", ctx.name, cfg.train.steps, workers,
+                    cfg.deepspeed.zero_stage)
     watch = StallWatch(heartbeats, cfg.health, ctx.name, ctx.tracker, ctx.logger)
     try:
         trainer.fit()

@@ -51,11 +51,11 @@ class PretrainTask(TrainTask):
             return import_hf(self.init_dir)
         return CausalLM(self.model_config)
 
-    def train_loader(self, rank: int, world_size: int, micro_batch: int, seed: int):
+    def train_loader(self, rank: int, world_size: int, micro_batch: int, seed: int, accum: int = 1):
         from stages.lm.data import Loader, PackedDataset
 
         return Loader(PackedDataset(self.data_dir, "train"), micro_batch, rank, world_size, seed=seed,
-                      shuffle=True, doc_mask=self.doc_mask, drop_last=True)
+                      shuffle=True, doc_mask=self.doc_mask, drop_last=True, accum=accum)
 
     def val_batches(self, rank: int, world_size: int, micro_batch: int, limit: int) -> Iterator[dict]:
         """The first rows of the val split in order, wrapped around when the split is smaller than one

@@ -94,7 +94,7 @@ def _prepare_data(config: SFTConfig, tok_json: str, ctx: StageContext) -> dict[s
 
 
 def _check_rows(config: SFTConfig, summary: dict[str, Any]) -> None:
-    workers, micro = config.scaling.num_workers, config.train.micro_batch
+    workers, micro = config.scaling.max_workers, config.train.micro_batch
     if summary["train"]["rows"] < workers * micro:
         raise SeedlineError(f"sft: {summary['train']['rows']} training rows, fewer than one global batch "
                             f"(train.micro_batch {micro} x scaling.num_workers {workers})")
@@ -114,7 +114,7 @@ def _baseline(task: SFTTask, config: SFTConfig, ctx: StageContext) -> float:
 
     sc = config.scaling
     remote = ray.remote(num_cpus=sc.cpus_per_worker, num_gpus=1 if sc.use_gpu else 0)(heldout_loss)
-    loss = ray.get(remote.remote(task, sc.num_workers, config.train.micro_batch, config.eval.batches,
+    loss = ray.get(remote.remote(task, sc.max_workers, config.train.micro_batch, config.eval.batches,
                                  sc.use_gpu))
     storage.write_json(marker, {"base_eval_loss": loss})
     ctx.tracker.log_metrics({"base_eval_loss": loss, "eval_loss": loss}, step=0)

@@ -44,11 +44,11 @@ class SFTTask(TrainTask):
 
         return import_hf(self.model_dir)
 
-    def train_loader(self, rank: int, world_size: int, micro_batch: int, seed: int):
+    def train_loader(self, rank: int, world_size: int, micro_batch: int, seed: int, accum: int = 1):
         from stages.lm.data import Loader
 
         return Loader(self.dataset("train"), micro_batch, rank, world_size, seed=seed, shuffle=True,
-                      doc_mask=self.packing, drop_last=True)
+                      doc_mask=self.packing, drop_last=True, accum=accum)
 
     def val_batches(self, rank: int, world_size: int, micro_batch: int, limit: int) -> Iterator[dict]:
         ds = self.dataset("val")

@@ -77,3 +77,11 @@ def test_a_job_on_the_cluster_fails_early_when_gpus_can_never_be_had(ray_head, m
             "most 0") in out
     assert wait(client, declared, timeout=120) == "SUCCEEDED", logs(client, declared)
     assert '"GPU": 8.0' in logs(client, declared)
+
+
+def test_an_elastic_stage_needs_its_minimum_and_asks_ray_for_the_range():
+    elastic = {"num_workers": {"min": 1, "max": 4}, "cpus_per_worker": 2}
+    assert scaling_config_kwargs(elastic)["num_workers"] == (1, 4)
+    check_resources("pretrain", elastic, {"CPU": 2})  # starts on one worker, grows when nodes come
+    with pytest.raises(ConfigError, match=r"asks for 4 CPUs \(2 workers x 2\)"):
+        check_resources("pretrain", {"num_workers": {"min": 2, "max": 4}, "cpus_per_worker": 2}, {"CPU": 2})

@@ -188,7 +188,7 @@ def test_corrupt_shard_and_bad_arguments_are_reported(packed, tmp_path):
         PackedDataset(out, verify=True)
     with pytest.raises(ValueError, match="no split"):
         PackedDataset(out, "test")
-    with pytest.raises(ValueError, match="global batch"):
+    with pytest.raises(ValueError, match="fewer than one optimizer step"):
         Loader(packed["ds"], batch_size=len(packed["ds"]) + 1)
     with pytest.raises(IndexError):
         packed["ds"].batch([len(packed["ds"])])
@@ -215,3 +215,38 @@ def test_resharding_two_ranks_to_one_skips_and_repeats_no_sample(packed):
             seen += one.next_indices().tolist()
     assert len(seen) == len(set(seen)) == steps * 6  # none twice, none skipped (drop_last remainder aside)
     assert seen == one.order(0)[: steps * 6].tolist()
+
+
+def _step_rows(loaders: list[Loader], accum: int, steps: int) -> list[list[int]]:
+    """Row indices of each optimizer step: every rank's ``accum`` micro-batches, in order."""
+    out = []
+    for _ in range(steps):
+        rows: list[int] = []
+        for _ in range(accum):
+            for ld in loaders:
+                rows += ld.next_indices().tolist()
+        out.append(sorted(rows))
+    return out
+
+
+def test_an_optimizer_step_takes_the_same_rows_at_any_worker_count_across_epochs(packed):
+    ds = packed["ds"]
+    assert len(ds) % 8  # epochs leave rows over, so an epoch end falls inside a micro-batch sequence
+    steps = 3 * (len(ds) // 8) + 2  # three epoch boundaries
+    two = _step_rows([Loader(ds, 2, rank=r, world_size=2, seed=5, accum=2) for r in range(2)], 2, steps)
+    one = _step_rows([Loader(ds, 2, world_size=1, seed=5, accum=4)], 4, steps)
+    four = _step_rows([Loader(ds, 2, rank=r, world_size=4, seed=5) for r in range(4)], 1, steps)
+    assert two == one == four
+    assert all(len(s) == len(set(s)) == 8 for s in two)
+    # resharding mid-epoch: 2 workers for 3 steps, then 1 worker from their saved position
+    first = [Loader(ds, 2, rank=r, world_size=2, seed=5, accum=2) for r in range(2)]
+    head = _step_rows(first, 2, 3)
+    rest = Loader(ds, 2, world_size=1, seed=5, accum=4)
+    rest.load_state_dict(first[0].state_dict())
+    assert head + _step_rows([rest], 4, steps - 3) == two
+
+
+def test_an_optimizer_step_larger_than_the_data_is_refused(packed):
+    ds = packed["ds"]
+    with pytest.raises(ValueError, match="fewer than one optimizer step"):
+        Loader(ds, 2, world_size=2, accum=len(ds))

@@ -46,8 +46,8 @@ class SpikeTask(PretrainTask):
     """Pretrain whose loss is 30x on the batches of the data steps in ``BAD`` (a real spike: the scaled
     loss goes through backward and the optimizer like any other)."""
 
-    def train_loader(self, rank, world_size, micro_batch, seed):
-        base = super().train_loader(rank, world_size, micro_batch, seed)
+    def train_loader(self, rank, world_size, micro_batch, seed, accum=1):
+        base = super().train_loader(rank, world_size, micro_batch, seed, accum)
         marked = _Marked.__new__(_Marked)
         marked.__dict__.update(base.__dict__)
         return marked

@@ -129,3 +129,43 @@ def test_plan_shows_the_resolved_config(tmp_path):
 def test_fit_reads_no_config_by_duck_typing():
     src = (REPO / "stages/lm/trainer.py").read_text() + (REPO / "stages/lm/train_worker.py").read_text()
     assert "getattr(cfg" not in src
+
+
+def _pretrain(scaling: dict, train: dict | None = None) -> dict:
+    return {"name": "p", "stages": {"tokenize": {"input": "x/*.jsonl"},
+                                    "pretrain": {"scaling": scaling, "train": train or {}}}}
+
+
+def test_elastic_worker_range_keeps_the_fingerprint_of_its_maximum():
+    """The global batch is sized for ``max`` workers, so a fixed 2 and an elastic 1-2 are one result: a
+    run switched to elastic resumes the same stored stage."""
+    spec = get("pretrain")
+
+    def fp(scaling: dict) -> str:
+        stage = validate_config(_pretrain(scaling)).stage_configs()["pretrain"]
+        return stage_fingerprint(spec.version, stage, {})
+
+    assert fp({"num_workers": {"min": 1, "max": 2}}) == fp({"num_workers": 2}) != fp({"num_workers": 4})
+    cfg = validate_config(_pretrain({"num_workers": {"min": 1, "max": 2}}))
+    assert cfg.stage_configs()["pretrain"].scaling.ray_num_workers() == (1, 2)
+    assert resolved(cfg)["stages"]["pretrain"]["scaling"]["num_workers"] == {"min": 1, "max": 2}
+
+
+@pytest.mark.parametrize(("scaling", "train", "path", "message"), [
+    ({"num_workers": {"min": 2, "max": 3}}, {}, "stages.pretrain.scaling.num_workers",
+     "cannot be split over 2 workers"),
+    ({"num_workers": {"min": 3, "max": 2}}, {}, "stages.pretrain.scaling.num_workers", "must not exceed max"),
+    ({"num_workers": {"min": 1}}, {}, "stages.pretrain.scaling.num_workers.max", "required key is missing"),
+    ({"num_workers": 0}, {}, "stages.pretrain.scaling.num_workers", "must be > 0"),
+])
+def test_bad_worker_counts_name_the_key(scaling, train, path, message):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        validate_config(_pretrain(scaling, train))
+    assert e.value.path == path and message in e.value.message
+
+
+def test_elastic_range_with_enough_accumulation_is_accepted():
+    cfg = validate_config(_pretrain({"num_workers": {"min": 2, "max": 3}}, {"grad_accum": 2}))
+    assert cfg.stage_configs()["pretrain"].scaling.min_workers == 2  # 2 x 3 rows split over 2 or 3 workers

@@ -265,9 +265,9 @@ class NanTask(PretrainTask):
         super().__init__(*args, **kwargs)
         self.nan_step, self.nan_rank, self.calls, self.rank = nan_step, nan_rank, 0, -1
 
-    def train_loader(self, rank, world_size, micro_batch, seed):
+    def train_loader(self, rank, world_size, micro_batch, seed, accum=1):
         self.rank = rank
-        return super().train_loader(rank, world_size, micro_batch, seed)
+        return super().train_loader(rank, world_size, micro_batch, seed, accum)
 
     def loss(self, model, batch):
         loss, extra = super().loss(model, batch)
@@ -316,3 +316,51 @@ def test_val_batches_fill_every_rank_equally(reference):
     per_rank = [list(task.val_batches(r, 2, 4, limit=3)) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) >= 1
     assert all(b["input_ids"].shape == (4, 32) for batches in per_rank for b in batches)
+
+
+def _traced_steps(trace: Path) -> dict[int, list[int]]:
+    """Rows each optimizer step took (every rank's micro-batches), from the trace hook's files."""
+    steps: dict[int, list[int]] = {}
+    for f in trace.glob("*.jsonl"):
+        for line in f.read_text().splitlines():
+            row = json.loads(line)
+            steps.setdefault(row["step"], []).extend(row["rows"])
+    return steps
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_resume_on_one_worker_continues_a_two_worker_run(zero_stage, tmp_path, tmp_path_factory, reference,
+                                                         ray_address, monkeypatch):
+    """A 2-worker run's step-4 checkpoint resumed on 1 worker (the global batch kept by accumulating 2
+    micro-batches): DeepSpeed's universal checkpoint reshards the ZeRO state, steps 5-6 take exactly the
+    rows the 2-worker run took, and the losses and weights agree up to reduction order."""
+    import shutil
+
+    from stages.lm.data import Loader, PackedDataset
+
+    two = reference["pretrain"] if zero_stage == 2 else _zero_run(3, tmp_path_factory, reference, ray_address)
+    out = tmp_path / "pretrain"
+    shutil.copytree(two / "checkpoints" / "step-4", out / "checkpoints" / "step-4")  # killed after step 4
+    shutil.copyfile(two / "metrics.jsonl", out / "metrics.jsonl")
+    monkeypatch.setenv("SEEDLINE_TRAIN_TRACE_DIR", str(tmp_path / "trace"))
+    result = _train(out, reference, ray_address, deepspeed={"zero_stage": zero_stage},
+                    train={"grad_accum": 2}, scaling={"num_workers": 1})
+    assert result.steps == STEPS
+    mine, theirs = _lines(out)[0], _lines(two)[0]
+    assert mine[:4] == theirs[:4]  # kept from the 2-worker run
+    assert [r["loss"] for r in mine[4:]] == pytest.approx([r["loss"] for r in theirs[4:]], rel=1e-4)
+    assert [r["lr"] for r in mine] == [r["lr"] for r in theirs]
+    w1, w2 = _weights(out), _weights(two)
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w2)
+    # sample accounting: the rows of steps 5-6 are those the 2-worker schedule takes, none twice
+    ds = PackedDataset(str(reference["tokenize"]), "train")
+    loaders = [Loader(ds, 2, rank=r, world_size=2, seed=PRETRAIN["train"]["seed"]) for r in range(2)]
+    expected = {s: sorted(i for ld in loaders for i in ld.next_indices().tolist())
+                for s in range(1, STEPS + 1)}
+    traced = _traced_steps(tmp_path / "trace")
+    assert [f.name for f in (tmp_path / "trace").iterdir()] == ["world-1-rank-0.jsonl"]
+    assert {s: sorted(r) for s, r in traced.items()} == {5: expected[5], 6: expected[6]}
+    assert len(set(traced[5] + traced[6])) == 8
+    from stages.lm.reshard import universal_root
+
+    assert not universal_root(str(out.resolve())).exists()  # the node-local conversion is dropped
