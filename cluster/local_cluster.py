@@ -3,10 +3,11 @@ Seedline's distributed path (``make cluster-up`` / ``make cluster-down``, and th
 
 Every node is its own ``ray start --block`` process in its own process group, with its own temp dir (so
 its node-local cache and its logs are its own, as on separate machines), 1 CPU and a custom resource
-named after it (``node:w1`` style pinning: ``{"w1": 1}``). Everything binds to 127.0.0.1 and token auth
-is on. ``kill_node`` SIGKILLs a node's whole process group, which is what losing a machine looks like to
-Ray. The S3 endpoint is a moto server (a dev dependency) and MLflow a real ``mlflow server`` with a
-SQLite store that proxies artifacts.
+named after it (``node:w1`` style pinning: ``{"w1": 1}``); worker nodes also carry ``{"trainer": 1}``, the
+resource a stage's ``scaling.resources`` names to keep its training workers off the head. Everything
+binds to 127.0.0.1 and token auth is on. ``kill_node`` SIGKILLs a node's whole process group, which is
+what losing a machine looks like to Ray. The S3 endpoint is a moto server (a dev dependency) and MLflow a
+real ``mlflow server`` with a SQLite store that proxies artifacts.
 
 The cluster's state (process ids, ports, addresses) is kept in ``<base>/cluster.json`` so another
 process (``make cluster-down``) can stop it. Nothing secret is in it beyond the test token, which is also
@@ -33,6 +34,7 @@ from pathlib import Path
 from cluster.errors import ClusterError
 
 STATE_FILE = "cluster.json"
+TRAINER = "trainer"  # the custom resource of worker nodes (not the head)
 ATTEMPTS = int(os.environ.get("SEEDLINE_NODE_START_ATTEMPTS", "6"))
 BUCKET = "seedline"
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -133,8 +135,9 @@ class LocalCluster:
                  temp_dir: str | None) -> tuple[list[str], str]:
         # Unix socket paths under the temp dir must stay short: /tmp, not the (long) base dir.
         temp_dir = temp_dir or tempfile.mkdtemp(prefix=f"sl{name}-", dir="/tmp")
+        resources = {name: 1} | ({} if head else {TRAINER: 1})
         cmd = [_bin("ray"), "start", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
-               "--num-cpus", str(num_cpus), "--resources", json.dumps({name: 1}), "--temp-dir", temp_dir,
+               "--num-cpus", str(num_cpus), "--resources", json.dumps(resources), "--temp-dir", temp_dir,
                "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
                "--dashboard-agent-listen-port", str(free_port()),
                "--dashboard-agent-grpc-port", str(free_port()), "--metrics-export-port", str(free_port()),
@@ -181,7 +184,7 @@ class LocalCluster:
         """Ray node id -> node name (from the custom resource each node carries)."""
         out = {}
         for n in _ray_nodes(self):
-            names = [k for k in n.get("resources_total", {}) if k in self.nodes]
+            names = [k for k in n.get("resources_total", {}) if k in self.nodes and k != TRAINER]
             if names:
                 out[n["node_id"]] = names[0]
         return out

@@ -39,6 +39,7 @@ def per_worker(scaling: Any) -> dict[str, float]:
     res = {"CPU": float(_field(scaling, "cpus_per_worker", 1))}
     if _field(scaling, "use_gpu", False):
         res["GPU"] = float(_field(scaling, "gpus_per_worker", 1))
+    res |= {str(k): float(v) for k, v in (_field(scaling, "resources", {}) or {}).items()}
     return res
 
 
@@ -87,18 +88,20 @@ def read_cluster_resources() -> dict[str, float]:
 
 
 def check_resources(stage_name: str, scaling: Any, cluster_resources: dict[str, float]) -> None:
-    """Raise ``ConfigError`` (naming the stage's ``scaling`` keys) if the stage needs more CPUs or GPUs
-    than ``cluster_resources`` holds in total."""
+    """Raise ``ConfigError`` (naming the stage's ``scaling`` keys) if the stage needs more CPUs, GPUs or
+    custom resources (``scaling.resources``) than ``cluster_resources`` holds in total."""
     need = required(scaling)
     n = worker_range(scaling)[0]
-    for kind, unit in (("GPU", "GPUs"), ("CPU", "CPUs")):
+    custom = [(k, f"of resource {k!r}") for k in need if k not in ("GPU", "CPU")]
+    for kind, unit in (("GPU", "GPUs"), ("CPU", "CPUs"), *custom):
         want = need.get(kind, 0.0)
         have = float(cluster_resources.get(kind, 0.0))
         if want <= have:
             continue
         each = per_worker(scaling)[kind]
-        fix = ("lower num_workers, set use_gpu: false, or add GPU workers" if kind == "GPU"
-               else "lower num_workers or cpus_per_worker, or add nodes")
+        fix = {"GPU": "lower num_workers, set use_gpu: false, or add GPU workers",
+               "CPU": "lower num_workers or cpus_per_worker, or add nodes"}.get(
+            kind, f"check scaling.resources, or start nodes with `ray start --resources '{{\"{kind}\": 1}}'`")
         raise ConfigError(
             f"stages.{stage_name}.scaling",
             f"asks for {want:g} {unit} ({n} workers x {each:g}) but the cluster can provide at most "

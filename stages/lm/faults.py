@@ -8,8 +8,8 @@ read once by the driver (``from_env``) and passed to the workers in the loop con
 - ``SEEDLINE_TRAIN_FREEZE_WORKER_AT_STEP=N``: rank 1 stops itself (SIGSTOP) once after step N (a hung
   worker: only the stall watchdog notices);
 - ``SEEDLINE_TRAIN_TRACE_DIR=DIR``: not a fault but a probe: every rank appends the sample indices of each
-  training micro-batch to ``DIR/world-<w>-rank-<r>.jsonl`` (``{"step", "rows"}``), so a test can check that
-  a resume (at any worker count) skips no sample and repeats none.
+  training micro-batch to ``DIR/world-<w>-rank-<r>-pid-<pid>.jsonl`` (``{"step", "rows"}``; one file per
+  worker process), so a test can check that a resume (at any worker count) skips no sample and repeats none.
 
 Each worker-side hook fires once per stage directory (a flag file there), so the restarted group runs on.
 """
@@ -44,7 +44,7 @@ def trace_batch(hooks: dict[str, Any], rank: int, world: int, step: int, rows: A
     """Worker side, after taking a training micro-batch for optimizer step ``step``: record its rows."""
     if "trace_dir" not in hooks:
         return
-    path = os.path.join(hooks["trace_dir"], f"world-{world}-rank-{rank}.jsonl")
+    path = os.path.join(hooks["trace_dir"], f"world-{world}-rank-{rank}-pid-{os.getpid()}.jsonl")
     os.makedirs(hooks["trace_dir"], exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps({"step": step, "rows": [int(r) for r in rows]}) + "\n")

@@ -91,6 +91,9 @@ class ScalingConfig(StrictModel):
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, gt=0)
     max_failures: int = Field(3, ge=0, description="worker-group restarts before the stage fails")
+    resources: dict[str, float] = volatile(
+        {}, description="custom Ray resources each worker asks for besides CPU/GPU, e.g. {trainer: 1} to "
+                        "keep training on the nodes that declare that resource (`ray start --resources`)")
     peak_flops: float | None = Field(
         None, gt=0, description="per-device peak FLOP/s for MFU when the device is not in the built-in "
                                 "table (e.g. a CPU); None = no MFU on unknown devices")

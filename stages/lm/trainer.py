@@ -148,7 +148,7 @@ def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext,
         "out_dir": str(out), "tracker_spec": ctx.tracker.spec(), "progress": ctx.progress, "hooks": hooks,
         "peak_flops": _peak_flops(sc), "heartbeats": heartbeats, "lora": lora, "lora_base": lora_base,
     }
-    resources = {"CPU": sc.cpus_per_worker} | ({"GPU": 1} if sc.use_gpu else {})
+    resources = {"CPU": sc.cpus_per_worker} | ({"GPU": 1} if sc.use_gpu else {}) | sc.resources
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,

@@ -85,3 +85,11 @@ def test_an_elastic_stage_needs_its_minimum_and_asks_ray_for_the_range():
     check_resources("pretrain", elastic, {"CPU": 2})  # starts on one worker, grows when nodes come
     with pytest.raises(ConfigError, match=r"asks for 4 CPUs \(2 workers x 2\)"):
         check_resources("pretrain", {"num_workers": {"min": 2, "max": 4}, "cpus_per_worker": 2}, {"CPU": 2})
+
+
+def test_custom_worker_resources_are_asked_for_and_checked():
+    pinned = {"num_workers": 2, "resources": {"trainer": 1}}
+    assert scaling_config_kwargs(pinned)["resources_per_worker"] == {"CPU": 1.0, "trainer": 1.0}
+    check_resources("pretrain", pinned, {"CPU": 3, "trainer": 2})
+    with pytest.raises(ConfigError, match=r"asks for 2 of resource 'trainer' \(2 workers x 1\).*at most 1"):
+        check_resources("pretrain", pinned, {"CPU": 3, "trainer": 1})

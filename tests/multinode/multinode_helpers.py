@@ -33,15 +33,18 @@ def api(c: LocalCluster, path: str) -> dict:
 
 
 def train_worker_nodes(c: LocalCluster, submission_id: str) -> list[list[str]]:
-    """The node names of each training worker group the job started (State API), in start order."""
+    """The node names of each training worker group the job started (State API), groups in start order.
+    A worker group is one placement group (Ray Train reserves one per group start)."""
     ray_job = api(c, f"/api/jobs/{submission_id}")["job_id"]
     query = ("/api/v0/actors?limit=1000&detail=true&filter_keys=class_name&filter_predicates=%3D"
              "&filter_values=RayTrainWorker")
     actors = [a for a in api(c, query)["data"]["result"]["result"] if a.get("job_id") == ray_job]
     names = c.node_of_resource()
-    actors.sort(key=lambda a: a.get("start_time") or 0)
-    nodes = [names.get(a["node_id"], a["node_id"]) for a in actors]
-    return [nodes[i:i + 2] for i in range(0, len(nodes), 2)]
+    groups: dict[str, list[dict]] = {}
+    for a in actors:
+        groups.setdefault(a.get("placement_group_id") or a["actor_id"], []).append(a)
+    ordered = sorted(groups.values(), key=lambda g: min(a.get("start_time") or 0 for a in g))
+    return [sorted(names.get(a["node_id"], a["node_id"]) for a in g) for g in ordered]
 
 
 def wait_until(pred, timeout: float, what: str, poll: float = 0.5):

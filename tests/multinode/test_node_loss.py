@@ -1,7 +1,12 @@
 """Losing a machine and a driver on the 3-node cluster, through ``seedline submit`` / ``resume``, with the
 run on S3: a worker node SIGKILLed mid-pretrain (its whole process group) is replaced and the stage
-resumes from the newest complete checkpoint to the same per-step losses; a driver killed mid-stage is
-resumed with ``seedline resume s3://... --address``."""
+resumes from the newest complete checkpoint to the same per-step losses; with no replacement, an elastic
+stage (``num_workers: {min: 1, max: 2}``) goes on with one worker on the node left, every step taking
+exactly the rows of the uninterrupted run; a driver killed mid-stage is resumed with
+``seedline resume s3://... --address``.
+
+The trainer's trace probe (``SEEDLINE_TRAIN_TRACE_DIR``, ``stages/lm/faults.py``) records every
+micro-batch's rows; the nodes share this machine's disk, so the test reads them directly."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -64,35 +70,110 @@ def _status(cluster3, job: str) -> str:
     return api(cluster3, f"/api/jobs/{job}")["status"]
 
 
+def _trace_file(f: Path) -> list[tuple[str, int, list[int]]]:
+    return [(f.name, r["step"], r["rows"]) for r in map(json.loads, f.read_text().splitlines())]
+
+
+def _trace(trace: Path) -> list[tuple[str, int, list[int]]]:
+    """``(file, step, rows)`` of every traced micro-batch, in the order each file was written."""
+    return [ln for f in sorted(trace.glob("*.jsonl")) for ln in _trace_file(f)]
+
+
+def _rows_by_step(lines: list[tuple[str, int, list[int]]]) -> dict[int, list[int]]:
+    steps: dict[int, list[int]] = {}
+    for _, step, rows in lines:
+        steps.setdefault(step, []).extend(rows)
+    return {s: sorted(r) for s, r in steps.items()}
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(cluster3, demo_data, config) -> dict[int, float]:
-    """Per-step pretrain losses of the same config without any failure."""
+def uninterrupted(cluster3, demo_data, config, tmp_path_factory) -> dict:
+    """Per-step pretrain losses and rows of the same config without any failure."""
     run_dir = "s3://seedline/straight/tiny"
+    trace = tmp_path_factory.mktemp("trace-straight")
     sub = seedline(cluster3, "submit", config,
-                   *as_args(_overrides(demo_data, "s3://seedline/straight", cluster3.mlflow_uri)))
+                   *as_args(_overrides(demo_data, "s3://seedline/straight", cluster3.mlflow_uri)),
+                   SEEDLINE_TRAIN_TRACE_DIR=str(trace))
     assert sub.returncode == 0, sub.stderr
     follow = seedline(cluster3, "logs", job_id(sub.stdout), "--follow")
     assert follow.returncode == 0, follow.stdout[-4000:]
-    return _losses(run_dir)
+    return {"losses": _losses(run_dir), "rows": _rows_by_step(_trace(trace))}
 
 
-def test_lost_worker_node_is_replaced_and_pretrain_losses_match(cluster3, demo_data, config, uninterrupted):
+def _training_again(trace: Path, resumed_from: int, killed_at: float) -> float:
+    """Seconds from the kill until a new worker group trains again: a micro-batch of the step after the
+    checkpoint it resumed from, traced by a worker process that started after the kill (one file each)."""
+    old = {f.name for f in trace.glob("*.jsonl")}
+
+    def again() -> bool:
+        return any(step == resumed_from + 1 for f in trace.glob("*.jsonl") if f.name not in old
+                   for _, step, _ in _trace_file(f))
+
+    wait_until(again, 600, "training to start again", poll=0.2)
+    return time.monotonic() - killed_at
+
+
+def test_lost_worker_node_is_replaced_and_pretrain_losses_match(cluster3, demo_data, config, uninterrupted,
+                                                                tmp_path):
     run_dir = "s3://seedline/nodeloss/tiny"
+    trace = tmp_path / "trace"
     sub = seedline(cluster3, "submit", config,
                    *as_args(_overrides(demo_data, "s3://seedline/nodeloss", cluster3.mlflow_uri,
                                        "stages.pretrain.scaling={num_workers: 2, cpus_per_worker: 1, "
-                                       "max_failures: 2}")))
+                                       "max_failures: 2, resources: {trainer: 1}}")),
+                   SEEDLINE_TRAIN_TRACE_DIR=str(trace))
     assert sub.returncode == 0, sub.stderr
     job = job_id(sub.stdout)
-    wait_until(lambda: _complete_steps(run_dir), 600, "a complete pretrain checkpoint on S3", poll=0.3)
+    resumed_from = wait_until(lambda: _complete_steps(run_dir), 600, "a complete pretrain checkpoint on S3",
+                              poll=0.3)[-1]
     killed_at = time.monotonic()
     cluster3.kill_node("w2")
     cluster3.start_node("w3")  # the replacement machine
+    again = _training_again(trace, resumed_from, killed_at)
     wait_until(lambda: _status(cluster3, job) in ("SUCCEEDED", "FAILED", "STOPPED"), 900, "the job to end")
     logs = seedline(cluster3, "logs", job).stdout
     assert _status(cluster3, job) == "SUCCEEDED", logs[-4000:]
-    assert _losses(run_dir) == uninterrupted
-    print(f"\nnode loss: killed w2, job done {time.monotonic() - killed_at:.1f}s later")
+    assert _losses(run_dir) == uninterrupted["losses"]
+    print(f"\nnode loss, replaced: killed w2 after checkpoint step-{resumed_from}; training again "
+          f"{again:.1f}s later, job done {time.monotonic() - killed_at:.1f}s later")
+
+
+def test_lost_worker_node_without_replacement_goes_on_elastic(cluster3, demo_data, config, uninterrupted,
+                                                              tmp_path):
+    """No machine replaces the lost one: the stage restarts on the one node left with one worker, which
+    accumulates two micro-batches per step (same global batch), resharding the ZeRO-2 checkpoint."""
+    run_dir = "s3://seedline/elastic/tiny"
+    trace = tmp_path / "trace"
+    node = "w3" if "w3" in cluster3.nodes else "w2"  # a worker node the previous test left running
+    sub = seedline(cluster3, "submit", config,
+                   *as_args(_overrides(demo_data, "s3://seedline/elastic", cluster3.mlflow_uri,
+                                       "stages.pretrain.scaling={num_workers: {min: 1, max: 2}, "
+                                       "cpus_per_worker: 1, max_failures: 2, resources: {trainer: 1}}")),
+                   SEEDLINE_TRAIN_TRACE_DIR=str(trace))
+    assert sub.returncode == 0, sub.stderr
+    job = job_id(sub.stdout)
+    resumed_from = wait_until(lambda: _complete_steps(run_dir), 600, "a complete pretrain checkpoint on S3",
+                              poll=0.3)[-1]
+    killed_at = time.monotonic()
+    cluster3.kill_node(node)
+    again = _training_again(trace, resumed_from, killed_at)
+    wait_until(lambda: _status(cluster3, job) in ("SUCCEEDED", "FAILED", "STOPPED"), 900, "the job to end")
+    logs = seedline(cluster3, "logs", job).stdout
+    assert _status(cluster3, job) == "SUCCEEDED", logs[-4000:]
+    lines = _trace(trace)
+    one = [ln for ln in lines if ln[0].startswith("world-1-")]
+    assert one and min(s for _, s, _ in one) == resumed_from + 1, "no 1-worker attempt resumed"
+    # every step took exactly the rows the uninterrupted run took: none skipped, none twice
+    before = [ln for ln in lines if ln[0].startswith("world-2-") and ln[1] <= resumed_from]
+    final = _rows_by_step(before + one)
+    assert final == uninterrupted["rows"]
+    losses, straight = _losses(run_dir), uninterrupted["losses"]
+    assert sorted(losses) == sorted(straight)
+    assert all(losses[s] == straight[s] for s in straight if s <= resumed_from)
+    assert [losses[s] for s in sorted(straight)] == pytest.approx([straight[s] for s in sorted(straight)],
+                                                                  rel=1e-4)
+    print(f"\nnode loss, elastic: killed {node} after checkpoint step-{resumed_from}; training again on one "
+          f"worker {again:.1f}s later, job done {time.monotonic() - killed_at:.1f}s later")
 
 
 def _driver_pid(cluster3, job: str) -> int | None:
@@ -122,7 +203,7 @@ def test_driver_killed_mid_stage_is_resumed_from_s3(cluster3, demo_data, config,
     follow = seedline(cluster3, "logs", again, "--follow")
     assert follow.returncode == 0, follow.stdout[-4000:]
     assert "pretrain: resuming" in follow.stdout or "resum" in follow.stdout
-    assert _losses(run_dir) == uninterrupted
+    assert _losses(run_dir) == uninterrupted["losses"]
     statuses = [storage.read_json(storage.join(d, "status.json"))["state"]
                 for d in recorded_stage_dirs(run_dir).values()]
     assert statuses and set(statuses) == {"succeeded"}
