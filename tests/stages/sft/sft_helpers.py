@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -71,6 +73,19 @@ def stage_context(out: Path, ray_address: str | None, tracker=None) -> StageCont
     return StageContext(name="sft", out_dir=str(out), run_dir=str(out.parent), fingerprint="test",
                         inputs={}, tracker=tracker or NullTracker(), progress=Progress(None),
                         logger=logging.getLogger("sft-test"), ray_address=ray_address)
+
+
+def run_killed(config: dict, out: Path, ray_address: str, kill_at: int) -> subprocess.CompletedProcess:
+    """The sft stage in its own process whose driver is killed (exit 137) once checkpoint ``kill_at`` is
+    complete (``SEEDLINE_TRAIN_KILL_AT_STEP``): a ``seedline run`` that died mid-stage."""
+    cfg_path = out.parent / f"{out.name}-config.json"
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(json.dumps(config))
+    repo = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "SEEDLINE_TRAIN_KILL_AT_STEP": str(kill_at), "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, __file__, str(cfg_path), str(out), ray_address], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 if __name__ == "__main__":  # `python sft_helpers.py CONFIG.json OUT_DIR RAY_ADDRESS`: the stage, own process

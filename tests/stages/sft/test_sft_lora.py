@@ -4,18 +4,15 @@ on the outputs; kill-and-resume; ZeRO-3."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import test_sft_stage
 import torch
 from safetensors.torch import load_file
-from sft_helpers import stage_context
-from test_sft_stage import KILL_AT, REPO, STEPS
+from sft_helpers import run_killed, stage_context
+from test_sft_stage import KILL_AT, STEPS
 
 from pipeline.errors import SeedlineError
 from stages.sft.config import SFTConfig
@@ -85,13 +82,7 @@ def test_peft_adapter_on_the_base_matches_the_merged_model_and_only_adapters_cha
 
 def test_killed_lora_run_resumes_to_the_same_bytes(tmp_path, ray_address, inputs, lora_run):
     out = tmp_path / "sft"
-    cfg_path = tmp_path / "cfg.json"
-    cfg_path.write_text(json.dumps(_config(inputs)))
-    env = {**os.environ, "SEEDLINE_TRAIN_KILL_AT_STEP": str(KILL_AT), "DS_ACCELERATOR": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    helper = Path(test_sft_stage.__file__).with_name("sft_helpers.py")
-    proc = subprocess.run([sys.executable, str(helper), str(cfg_path), str(out), ray_address], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = run_killed(_config(inputs), out, ray_address, KILL_AT)
     assert proc.returncode == 137, proc.stderr[-3000:]
     assert (out / "checkpoints" / f"step-{KILL_AT}" / "complete.json").is_file()
     assert not (out / "adapter").exists() and not (out / "model").exists()

@@ -4,15 +4,12 @@ real MLflow (SQLite), real transformers on the exported model; kill-and-resume."
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from sft_helpers import GENERATION_TEMPLATE, records, stage_context, train_tokenizer, write_jsonl
+from sft_helpers import GENERATION_TEMPLATE, records, run_killed, stage_context, train_tokenizer, write_jsonl
 
 from pipeline.errors import ConfigError
 from pipeline.tracking import Tracker
@@ -135,13 +132,7 @@ def test_exported_model_renders_chats_like_training(reference, inputs):
 
 def test_killed_run_resumes_to_the_same_result(tmp_path, ray_address, inputs, reference):
     out = tmp_path / "sft"
-    cfg_path = tmp_path / "cfg.json"
-    cfg_path.write_text(json.dumps(_config(inputs)))
-    env = {**os.environ, "SEEDLINE_TRAIN_KILL_AT_STEP": str(KILL_AT), "DS_ACCELERATOR": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    helper = Path(__file__).with_name("sft_helpers.py")
-    proc = subprocess.run([sys.executable, str(helper), str(cfg_path), str(out), ray_address], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = run_killed(_config(inputs), out, ray_address, KILL_AT)
     assert proc.returncode == 137, proc.stderr[-3000:]
     assert (out / "checkpoints" / f"step-{KILL_AT}" / "complete.json").is_file()
     assert not (out / "stats.json").exists() and not (out / "model").exists()
