@@ -145,7 +145,7 @@ def run(config: DPOConfig, ctx: StageContext) -> FitResult:
     heldout = heldout_metrics(config, load_reference(ctx.path("policy_logps", "val"), n_val), ref_val)
     ctx.tracker.log_metrics(base | heldout, step=result.steps)
     stats = {"data": summary, "steps": result.steps, "metrics": result.metrics, "heldout_pairs": n_val,
-             **base, **heldout, **lora_stats(config.lora, result)}
+             "io": result.io, **base, **heldout, **lora_stats(config.lora, result)}
     storage.write_json(ctx.path("stats.json"), stats)
     ctx.logger.info("dpo: %d steps; on %d held-out pairs: rewards/accuracies %.3f, the sft model's own "
                     "preference accuracy %.3f (the trained policy's %.3f)", result.steps, n_val,

@@ -139,7 +139,7 @@ def run(config: SFTConfig, ctx: StageContext) -> dict[str, Any]:
     result = fit(task, config, ctx, lora=config.lora)
     final = result.metrics.get("eval_loss")
     stats = {"data": summary, "steps": result.steps, "base_eval_loss": base, "eval_loss": final,
-             "model_dir": result.model_dir, **lora_stats(config.lora, result)}
+             "model_dir": result.model_dir, "io": result.io, **lora_stats(config.lora, result)}
     counts = {f"data/{split}_{k}": float(v) for split in ("train", "val")
               for k, v in summary[split].items() if isinstance(v, int | float)}
     ctx.tracker.log_metrics(counts, step=result.steps)

@@ -79,7 +79,10 @@ def test_demo_pipeline_on_s3_equals_the_local_workdir_run(cluster3, local_demo, 
     print(f"\n3-node demo: s3 workdir {s3_run['seconds']:.1f}s, shared local workdir "
           f"{local_demo['seconds']:.1f}s")
     for stage in STAGES:
-        print(f"  {stage}: {_tree_bytes(s3_dirs[stage]) / 2**20:.2f} MiB stored on S3")
+        io = storage.read_json_or(storage.join(s3_dirs[stage], "stats.json"), {}).get("io") or {}
+        moved = (f"; training workers uploaded {io['bytes_uploaded'] / 2**20:.2f} MiB, downloaded "
+                 f"{io['bytes_downloaded'] / 2**20:.2f} MiB" if io else "")
+        print(f"  {stage}: {_tree_bytes(s3_dirs[stage]) / 2**20:.2f} MiB stored on S3{moved}")
     for stage in ("dedupe", "tokenize"):
         local_files = sorted(Path(local_dirs[stage]).rglob("*"))
         compared = 0
