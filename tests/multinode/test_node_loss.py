@@ -113,53 +113,51 @@ def _training_again(trace: Path, resumed_from: int, killed_at: float) -> float:
     return time.monotonic() - killed_at
 
 
-def test_lost_worker_node_is_replaced_and_pretrain_losses_match(cluster3, demo_data, config, uninterrupted,
-                                                                tmp_path):
-    run_dir = "s3://seedline/nodeloss/tiny"
-    trace = tmp_path / "trace"
+def _lose_a_node(cluster3, demo_data, config, name: str, scaling: str, trace: Path, kill: str,
+                 replacement: str | None = None) -> dict:
+    """Submit pretrain with ``scaling`` to ``s3://seedline/<name>``, SIGKILL node ``kill`` once a complete
+    checkpoint is on S3 (starting ``replacement`` if given), wait for the job; what happened, timed."""
+    run_dir = f"s3://seedline/{name}/tiny"
     sub = seedline(cluster3, "submit", config,
-                   *as_args(_overrides(demo_data, "s3://seedline/nodeloss", cluster3.mlflow_uri,
-                                       "stages.pretrain.scaling={num_workers: 2, cpus_per_worker: 1, "
-                                       "max_failures: 2, resources: {trainer: 1}}")),
+                   *as_args(_overrides(demo_data, f"s3://seedline/{name}", cluster3.mlflow_uri,
+                                       f"stages.pretrain.scaling={scaling}")),
                    SEEDLINE_TRAIN_TRACE_DIR=str(trace))
     assert sub.returncode == 0, sub.stderr
     job = job_id(sub.stdout)
     resumed_from = wait_until(lambda: _complete_steps(run_dir), 600, "a complete pretrain checkpoint on S3",
                               poll=0.3)[-1]
     killed_at = time.monotonic()
-    cluster3.kill_node("w2")
-    cluster3.start_node("w3")  # the replacement machine
+    cluster3.kill_node(kill)
+    if replacement:
+        cluster3.start_node(replacement)
     again = _training_again(trace, resumed_from, killed_at)
     wait_until(lambda: _status(cluster3, job) in ("SUCCEEDED", "FAILED", "STOPPED"), 900, "the job to end")
     logs = seedline(cluster3, "logs", job).stdout
     assert _status(cluster3, job) == "SUCCEEDED", logs[-4000:]
-    assert _losses(run_dir) == uninterrupted["losses"]
-    print(f"\nnode loss, replaced: killed w2 after checkpoint step-{resumed_from}; training again "
-          f"{again:.1f}s later, job done {time.monotonic() - killed_at:.1f}s later")
+    return {"run_dir": run_dir, "resumed_from": resumed_from, "again": again,
+            "done": time.monotonic() - killed_at}
+
+
+def test_lost_worker_node_is_replaced_and_pretrain_losses_match(cluster3, demo_data, config, uninterrupted,
+                                                                tmp_path):
+    lost = _lose_a_node(cluster3, demo_data, config, "nodeloss",
+                        "{num_workers: 2, cpus_per_worker: 1, max_failures: 2, resources: {trainer: 1}}",
+                        tmp_path / "trace", kill="w2", replacement="w3")
+    assert _losses(lost["run_dir"]) == uninterrupted["losses"]
+    print(f"\nnode loss, replaced: killed w2 after checkpoint step-{lost['resumed_from']}; training again "
+          f"{lost['again']:.1f}s later, job done {lost['done']:.1f}s later")
 
 
 def test_lost_worker_node_without_replacement_goes_on_elastic(cluster3, demo_data, config, uninterrupted,
                                                               tmp_path):
     """No machine replaces the lost one: the stage restarts on the one node left with one worker, which
     accumulates two micro-batches per step (same global batch), resharding the ZeRO-2 checkpoint."""
-    run_dir = "s3://seedline/elastic/tiny"
     trace = tmp_path / "trace"
     node = "w3" if "w3" in cluster3.nodes else "w2"  # a worker node the previous test left running
-    sub = seedline(cluster3, "submit", config,
-                   *as_args(_overrides(demo_data, "s3://seedline/elastic", cluster3.mlflow_uri,
-                                       "stages.pretrain.scaling={num_workers: {min: 1, max: 2}, "
-                                       "cpus_per_worker: 1, max_failures: 2, resources: {trainer: 1}}")),
-                   SEEDLINE_TRAIN_TRACE_DIR=str(trace))
-    assert sub.returncode == 0, sub.stderr
-    job = job_id(sub.stdout)
-    resumed_from = wait_until(lambda: _complete_steps(run_dir), 600, "a complete pretrain checkpoint on S3",
-                              poll=0.3)[-1]
-    killed_at = time.monotonic()
-    cluster3.kill_node(node)
-    again = _training_again(trace, resumed_from, killed_at)
-    wait_until(lambda: _status(cluster3, job) in ("SUCCEEDED", "FAILED", "STOPPED"), 900, "the job to end")
-    logs = seedline(cluster3, "logs", job).stdout
-    assert _status(cluster3, job) == "SUCCEEDED", logs[-4000:]
+    lost = _lose_a_node(cluster3, demo_data, config, "elastic",
+                        "{num_workers: {min: 1, max: 2}, cpus_per_worker: 1, max_failures: 2, "
+                        "resources: {trainer: 1}}", trace, kill=node)
+    run_dir, resumed_from = lost["run_dir"], lost["resumed_from"]
     lines = _trace(trace)
     one = [ln for ln in lines if ln[0].startswith("world-1-")]
     assert one and min(s for _, s, _ in one) == resumed_from + 1, "no 1-worker attempt resumed"
@@ -173,7 +171,7 @@ def test_lost_worker_node_without_replacement_goes_on_elastic(cluster3, demo_dat
     assert [losses[s] for s in sorted(straight)] == pytest.approx([straight[s] for s in sorted(straight)],
                                                                   rel=1e-4)
     print(f"\nnode loss, elastic: killed {node} after checkpoint step-{resumed_from}; training again on one "
-          f"worker {again:.1f}s later, job done {time.monotonic() - killed_at:.1f}s later")
+          f"worker {lost['again']:.1f}s later, job done {lost['done']:.1f}s later")
 
 
 def _driver_pid(cluster3, job: str) -> int | None:
