@@ -138,7 +138,12 @@ def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext,
     from stages.lm.watchdog import Heartbeats, StallWatch
 
     ctx.progress.set_rules(HealthRules(**cfg.health.rules()))
-    heartbeats = Heartbeats.remote()
+    # On the driver's node: an actor placed on a worker node dies with it, and the restarted group would
+    # then fail on every heartbeat (node loss with no replacement).
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    heartbeats = Heartbeats.options(scheduling_strategy=here).remote()
     ray_dir = _driver_dir(str(out)) / "ray" if remote else Path(out) / "ray"
     sc = cfg.scaling
     lora_base = _lora_base(task, lora, str(out), ctx.name)
