@@ -17,11 +17,15 @@ from cluster.local_cluster import LocalCluster
 
 
 def pytest_collection_modifyitems(items):
+    """Marks the tests here, and runs them last: the cluster (a session fixture) then lives only while they
+    run, not beside the rest of the suite on the same cores."""
     here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.multinode)
-            item.add_marker(pytest.mark.slow)
+    ours = [item for item in items if here in Path(str(item.fspath)).parents]
+    for item in ours:
+        item.add_marker(pytest.mark.multinode)
+        item.add_marker(pytest.mark.slow)
+    chosen = set(map(id, ours))
+    items[:] = [item for item in items if id(item) not in chosen] + ours
 
 
 @pytest.fixture(scope="session")
