@@ -63,10 +63,23 @@ def summary_lines(run_dir: str, outcomes: dict[str, str]) -> list[str]:
               f"  seedline report {run_dir}    # one HTML page: stages, data, curves, evaluation"]
     model = final_model(run_dir, dirs)
     if model:
-        lines.append(f"  python -c \"from transformers import AutoModelForCausalLM, AutoTokenizer; "
-                     f"m = AutoModelForCausalLM.from_pretrained('{model}'); "
-                     f"t = AutoTokenizer.from_pretrained('{model}')\"")
+        lines += _load_lines(model)
     return lines
+
+
+def _load_lines(model: str) -> list[str]:
+    """How to load the final model in transformers; one on an object store is copied here first
+    (``from_pretrained`` reads local directories and the Hub only)."""
+    out = []
+    if storage.is_url(model):
+        local = model.rstrip("/").split("/")[-2] + "-model"
+        out.append(f"  python -c \"import fsspec; fsspec.core.url_to_fs('{model}')[0].get('{model}', "
+                   f"'{local}', recursive=True)\"")
+        model = local
+    out.append(f"  python -c \"from transformers import AutoModelForCausalLM, AutoTokenizer; "
+               f"m = AutoModelForCausalLM.from_pretrained('{model}'); "
+               f"t = AutoTokenizer.from_pretrained('{model}')\"")
+    return out
 
 
 def print_summary(run_dir: str, outcomes: dict[str, Any], echo) -> None:
