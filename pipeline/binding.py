@@ -156,11 +156,15 @@ def _from_config(s: Section, slot: str, spec: InputSlot, sections: dict[str, Sec
     value = getattr(s.config, spec.config_key or "", None)
     if value is None:
         return None
-    values = value if isinstance(value, list) else [value]
+    key = f"stages.{s.name}.{spec.config_key}"
+    values = list(value) if isinstance(value, dict | list) else [value]
     named = [v for v in values if isinstance(v, str) and v in sections]
+    if isinstance(value, dict) and len(named) != len(values):  # {instance: weight}: keys are instances
+        strangers = [v for v in values if v not in named]
+        others = ", ".join(n for n in sections if n != s.name)
+        raise ConfigError(key, f"{strangers} are not stage instances of this pipeline; instances: {others}")
     if not named:
         return [] if isinstance(value, list) else None
-    key = f"stages.{s.name}.{spec.config_key}"
     if len(named) != len(values):
         strangers = [v for v in values if v not in named]
         raise ConfigError(key, f"{strangers} are not instances of this pipeline")

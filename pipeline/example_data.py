@@ -4,6 +4,8 @@
 
 - ``corpus/part-0N.jsonl.gz``: one pydoc page per member (pretraining text; pydoc repeats inherited docs,
   which gives natural near-duplicates for the dedupe stage);
+- ``code/part-0N.jsonl.gz``: the Python source of those members' modules, one document per module (a
+  second pretraining source, for a weighted mixture: ``configs/curation.yaml``);
 - ``instruct/{train,val}.jsonl``: "What does `json.dumps` do?" answered by the member's documented summary,
   mostly as chat ``messages``, some as ``prompt``/``completion``;
 - ``prefs/{train,val}.jsonl``: the right summary as ``chosen``; as ``rejected`` another module's summary
@@ -126,6 +128,29 @@ def _write_corpus(out_dir: Path, members: list[Member], files: int = 4) -> Path:
     return out
 
 
+def _write_code(out_dir: Path, members: list[Member], files: int = 2, max_chars: int = 20_000) -> Path:
+    """One document per module of ``members`` with a ``.py`` source: its first ``max_chars`` characters,
+    cut at a line end (whole standard-library modules would outweigh the pydoc pages many times over)."""
+    import importlib.util
+
+    docs = []
+    for name in sorted({m.module for m in members}):
+        spec = importlib.util.find_spec(name)
+        origin = spec.origin if spec else None
+        if not origin or not origin.endswith(".py"):
+            continue
+        text = Path(origin).read_text(encoding="utf-8", errors="replace")
+        if len(text) > max_chars:
+            text = text[: text.rfind("\n", 0, max_chars) + 1]
+        docs.append({"id": f"{name}.py", "text": text})
+    out = out_dir / "code"
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        text = "".join(json.dumps(d) + "\n" for d in docs[i::files])
+        (out / f"part-{i:02d}.jsonl.gz").write_bytes(gzip.compress(text.encode(), mtime=0))
+    return out
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -182,6 +207,7 @@ def write_all(out_dir: Path, max_modules: int = 1000, seed: int = 0) -> Path:
     """Corpus, instruction, preference and evaluation sets (see the module docstring)."""
     members = collect_members(max_modules)
     _write_corpus(out_dir, members)
+    _write_code(out_dir, members)
     # One example per distinct summary: inherited docs repeat, and a repeat would leak across the split.
     seen: set[str] = set()
     tasks = [m for m in members if m.summary and not (m.summary in seen or seen.add(m.summary))]

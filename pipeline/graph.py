@@ -61,6 +61,11 @@ def order(cfg: PipelineConfig) -> list[Node]:
         inst = instances[n]
         ups: dict[str, object] = {slot: [nodes[d].fingerprint for d in names]
                                   for slot, names in inst.bound.items() if names}
+        for slot, names in inst.bound.items():
+            key = inst.spec.inputs[slot].config_key
+            value = getattr(inst.config, key, None) if key else None
+            if isinstance(value, dict) and names:  # {instance: weight}: the weights count, not the names
+                ups[f"{slot}.weights"] = [value[n] for n in names]
         reads_eval = getattr(inst.config, "uses_pipeline_eval_data", None)
         if callable(reads_eval) and reads_eval():
             # Its output depends on other stages' evaluation files (decontamination): they are inputs too.

@@ -86,17 +86,23 @@ def stage_types(run: dict[str, Any]) -> dict[str, str]:
 
 
 def _hook_sections(dirs: dict[str, str], types: dict[str, str],
-                   run_dirs: dict[str, str] | None = None) -> list[str]:
+                   run_dirs: dict[str, str] | None = None,
+                   inputs: dict[str, dict[str, list[str]]] | None = None) -> list[str]:
     """Each stage type's own report section (its registered ``report`` hook), in run order. A hook is
     called as ``hook(instance, stage_dir, run_dirs)``: ``run_dirs`` maps every instance of the run to its
-    directory, so a section can read upstream stages' outputs (the filter's data funnel does)."""
+    directory, so a section can read upstream stages' outputs (the filter's data funnel does). A hook with
+    an ``inputs`` parameter also gets the run's bindings, ``{instance: {slot: [upstream instances]}}``."""
+    import inspect
+
     from pipeline import stage as stage_registry
 
     out = []
     for name, d in dirs.items():
         spec = stage_registry.registry().get(types.get(name, name))
         if spec is not None and spec.report:
-            out.append(stage_registry._load(spec.report)(name, d, dict(run_dirs or dirs)))
+            hook = stage_registry._load(spec.report)
+            extra = {"inputs": inputs or {}} if "inputs" in inspect.signature(hook).parameters else {}
+            out.append(hook(name, d, dict(run_dirs or dirs), **extra))
     return [s for s in out if s]
 
 
@@ -259,7 +265,7 @@ def write_report(run_dir: str, out_path: str | None = None) -> str:
     ]
     types = stage_types(run)
     data = [d for d in _hook_sections({n: d for n, d in dirs.items() if types.get(n) != "evaluate"}, types,
-                                      dirs)]
+                                      dirs, run.get("inputs"))]
     body += data
     body.append(_training_section(dirs))
     body += _hook_sections({n: d for n, d in dirs.items() if types.get(n) == "evaluate"}, types, dirs)

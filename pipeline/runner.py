@@ -28,6 +28,11 @@ from pipeline.tracking import NullTracker, PipelineTracking
 log = logging.getLogger("seedline")
 
 
+def _bindings(nodes: list[Node]) -> dict[str, dict[str, list[str]]]:
+    """``{instance: {slot: [upstream instances]}}`` for ``run.json`` (report sections follow them)."""
+    return {n.name: {slot: list(names) for slot, names in n.bound.items() if names} for n in nodes}
+
+
 @dataclass
 class RunResult:
     """What happened to each stage: ``skipped`` (done in this run), ``reused`` (a store entry another run
@@ -129,10 +134,12 @@ class Runner:
         """Write ``run.json`` when it is new or records other store entries (a run of reused stages)."""
         data = self.state.load()
         entries = {n.name: self.state.entry(n.dirname) for n in nodes}
-        if data.get("stages") != entries:
+        inputs = _bindings(nodes)
+        if data.get("stages") != entries or data.get("inputs") != inputs:
             storage.makedirs(self.state.run_dir)
             data.update(config=resolved(self.cfg), created=data.get("created") or time.time(),
-                        updated=time.time(), git_sha=git_sha(), stages=entries, order=[n.name for n in nodes])
+                        updated=time.time(), git_sha=git_sha(), stages=entries, order=[n.name for n in nodes],
+                        inputs=inputs)
             data.setdefault("mlflow_parent_run_id", None)
             data.setdefault("tracking_uri", self.cfg.tracking_uri() if self.cfg.tracking.enabled else None)
             self.state.save(data)
@@ -163,6 +170,7 @@ class Runner:
             tracking_uri=self.cfg.tracking_uri() if self.cfg.tracking.enabled else None,
             stages={n.name: self.state.entry(n.dirname) for n in nodes},
             order=[n.name for n in nodes],  # pipeline order (JSON objects are written with sorted keys)
+            inputs=_bindings(nodes),
         )
         self.state.save(data)
 

@@ -182,13 +182,18 @@ class PackedDataset:
 
     def batch(self, indices: np.ndarray | list[int], doc_mask: bool = False) -> dict[str, torch.Tensor]:
         """Model inputs for the given rows (see the module docstring)."""
+        return model_inputs(*self.raw(indices), doc_mask=doc_mask)
+
+    def raw(self, indices: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows (n, seq_len + 1), real lengths (n,), document-start marks (n, seq_len)) of the given rows;
+        a mark at each document start s holds s, else 0."""
         idx = np.asarray(indices, dtype=np.int64)
         n, T = len(idx), self.seq_len
         if n and (idx.min() < 0 or idx.max() >= self._len):
             raise IndexError(f"row indices must be in [0, {self._len})")
         rows = np.empty((n, self.row_len), np.int64)
         length = np.empty(n, np.int64)
-        marks = np.zeros((n, T), np.int64)  # at each document start s: s (for positions), else 0
+        marks = np.zeros((n, T), np.int64)
         shard_of, row_of = np.divmod(idx, self.rows_per_shard)
         for j in range(n):
             sh = self._shard(shard_of[j])
@@ -197,17 +202,24 @@ class PackedDataset:
             length[j] = sh.length[r]
             starts = sh.start_values[sh.start_offsets[r]: sh.start_offsets[r + 1]]
             marks[j, starts] = starts
-        t = np.arange(T, dtype=np.int64)
-        labels = rows[:, 1:].copy()
-        labels[t[None, :] >= (length - 1)[:, None]] = IGNORE_INDEX
-        out = {
-            "input_ids": torch.from_numpy(np.ascontiguousarray(rows[:, :-1])),
-            "labels": torch.from_numpy(labels),
-            "position_ids": torch.from_numpy(t[None, :] - np.maximum.accumulate(marks, axis=1)),
-        }
-        if doc_mask:
-            out["doc_mask"] = torch.from_numpy(np.cumsum(marks > 0, axis=1, dtype=np.int64))
-        return out
+        return rows, length, marks
+
+
+def model_inputs(rows: np.ndarray, length: np.ndarray, marks: np.ndarray, doc_mask: bool = False
+                 ) -> dict[str, torch.Tensor]:
+    """``input_ids``/``labels``/``position_ids`` (and ``doc_mask``) of raw rows (``PackedDataset.raw``)."""
+    T = marks.shape[1]
+    t = np.arange(T, dtype=np.int64)
+    labels = rows[:, 1:].copy()
+    labels[t[None, :] >= (length - 1)[:, None]] = IGNORE_INDEX
+    out = {
+        "input_ids": torch.from_numpy(np.ascontiguousarray(rows[:, :-1])),
+        "labels": torch.from_numpy(labels),
+        "position_ids": torch.from_numpy(t[None, :] - np.maximum.accumulate(marks, axis=1)),
+    }
+    if doc_mask:
+        out["doc_mask"] = torch.from_numpy(np.cumsum(marks > 0, axis=1, dtype=np.int64))
+    return out
 
 
 class Loader:
@@ -299,6 +311,10 @@ class Loader:
             self.consumed = 0
         while not self._exhausted():
             yield next(self)
+
+    def metrics(self) -> dict[str, float]:
+        """Per-source counters of a mixture (``MixtureLoader``); a single dataset has none."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "shuffle": self.shuffle,

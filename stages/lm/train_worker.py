@@ -25,6 +25,7 @@ from stages.lm.ckpt_store import CheckpointStore
 from stages.lm.ds_config import ds_config, lr_at, lr_factor
 from stages.lm.flops import flops_per_token, mfu
 from stages.lm.health_guard import Diverged, SpikeGuard, config_skips, skip_steps
+from stages.lm.mixture import SourceExhausted
 from stages.lm.train_config import accumulation
 from stages.lm.train_metrics import MetricsSink, mean_over_ranks
 
@@ -389,6 +390,22 @@ def _rollback(engine, loader, env: WorkerEnv, step: int, guard: SpikeGuard, sink
     return state
 
 
+def _ran_out(engine, loader, lc: dict[str, Any], env: WorkerEnv, state: dict[str, Any], guard: SpikeGuard,
+             sink, e: SourceExhausted) -> None:
+    """A mixture source ran out under ``on_exhausted: stop``: the run ends after the last whole step, with
+    its evaluation and checkpoint as for a last step."""
+    step = state["step"]
+    if sink:
+        sink.event({"step": step, "event": "source_exhausted", "source": e.name, "rows": e.rows},
+                   f"step {step}: {e} (after {step} of {lc['train'].steps} steps)")
+    if step == 0:
+        raise RuntimeError(f"{e}, before the first step") from e
+    evm = _evaluate(engine, lc, env)
+    if sink:
+        sink.eval(step, evm)
+    _save(engine, loader, env, {**state, "health": guard.state_dict()}, lc["checkpoint"].keep)
+
+
 def train_loop(lc: dict[str, Any]) -> None:
     """Ray Train worker entry point; ``lc`` is built by ``trainer.fit``."""
     env = _setup(lc)
@@ -415,7 +432,12 @@ def train_loop(lc: dict[str, Any]) -> None:
             step = state["step"] + 1
             skip_steps(loader, config_skips(train.skip_data, step), train.grad_accum)
             t0 = time.perf_counter()
-            metrics, tokens, seq_len = _train_step(engine, loader, lc, env, step, guard)
+            try:
+                metrics, tokens, seq_len = _train_step(engine, loader, lc, env, step, guard)
+            except SourceExhausted as e:  # mixture.on_exhausted: stop; raised before the step began
+                _ran_out(engine, loader, lc, env, state, guard, sink, e)
+                break
+            metrics |= loader.metrics()
             dt = time.perf_counter() - t0
             state["step"] = step
             beats.advance(step, dt)

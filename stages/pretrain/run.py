@@ -12,12 +12,19 @@ from stages.pretrain.task import PretrainTask
 
 def run(config: PretrainConfig, ctx: StageContext) -> FitResult:
     """Train on ``<tokenize out>/train``, validate on ``val``, export ``<out>/model``."""
-    data_dir = ctx.input("data").path  # on an object store: read through each node's shard cache
-    if not storage.exists(storage.join(data_dir, "manifest.json")):
-        raise SeedlineError(f"{data_dir}: no manifest.json; has the tokenize stage finished?")
+    # on an object store: read through each node's shard cache
+    sources = {o.instance: o.path for o in ctx.input_list("data")}
+    for data_dir in sources.values():
+        if not storage.exists(storage.join(data_dir, "manifest.json")):
+            raise SeedlineError(f"{data_dir}: no manifest.json; has the tokenize stage finished?")
     init = ctx.input("init")
     init_dir = init.path if init else config.init_from
-    task = PretrainTask(data_dir, config.model, doc_mask=config.doc_mask, init_dir=init_dir)
+    task = PretrainTask(sources, config.model, doc_mask=config.doc_mask, init_dir=init_dir,
+                        weights=config.data, repeat=config.mixture.on_exhausted == "repeat")
+    if task.weights:
+        total = sum(task.weights.values())
+        ctx.logger.info("pretrain: a mixture of %s", ", ".join(f"{n} {w / total:.0%}"
+                                                              for n, w in task.weights.items()))
     ctx.tracker.log_params({"model_resolved": task.model_config.model_dump(mode="json")})
     result = fit(task, config, ctx)
     storage.write_json(ctx.path("stats.json"), {"steps": result.steps, "metrics": result.metrics,

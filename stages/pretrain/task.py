@@ -28,12 +28,34 @@ def _init_config(init_dir: str, vocab_size: int, seq_len: int):
     return cfg
 
 
-class PretrainTask(TrainTask):
-    """``data_dir``: the tokenize stage's output (``manifest.json``, ``train/``, ``val/``, ``tokenizer/``)."""
+def _same_tokens(manifests: dict[str, dict]) -> None:
+    """Mixture sources must share one tokenizer and row length, or their ids would mean different text."""
+    from pipeline.errors import ConfigError
 
-    def __init__(self, data_dir: str, model: ModelSpec, doc_mask: bool = False, init_dir: str | None = None):
-        self.data_dir = str(data_dir)
-        manifest = storage.read_json(storage.join(self.data_dir, "manifest.json"))
+    keys = {n: (m["tokenizer_sha256"], m["vocab_size"], m["seq_len"]) for n, m in manifests.items()}
+    first = next(iter(keys))
+    for name, key in keys.items():
+        if key != keys[first]:
+            raise ConfigError(f"stages.pretrain.data.{name}",
+                              f"tokenized with another tokenizer or row length than {first!r} "
+                              f"(vocab {key[1]} vs {keys[first][1]}, seq_len {key[2]} vs {keys[first][2]}); "
+                              f"give its tokenize stage `inputs: {{tokenizer: {first}}}`")
+
+
+class PretrainTask(TrainTask):
+    """``sources``: ``{name: a tokenize stage's output}`` (``manifest.json``, ``train/``, ``val/``,
+    ``tokenizer/``); with ``weights`` and more than one source, training samples the sources in those
+    proportions (``stages.lm.mixture``); ``repeat=False`` ends the run when a source runs out."""
+
+    def __init__(self, sources: dict[str, str] | str, model: ModelSpec, doc_mask: bool = False,
+                 init_dir: str | None = None, weights: dict[str, float] | None = None, repeat: bool = True):
+        self.sources = {"data": str(sources)} if isinstance(sources, str) else dict(sources)
+        self.weights = weights if weights and len(self.sources) > 1 else None
+        self.repeat = repeat
+        manifests = {n: storage.read_json(storage.join(d, "manifest.json")) for n, d in self.sources.items()}
+        _same_tokens(manifests)
+        self.data_dir = next(iter(self.sources.values()))
+        manifest = manifests[next(iter(self.sources))]
         self.vocab_size: int = manifest["vocab_size"]
         self.seq_len: int = manifest["seq_len"]
         self.tokenizer_dir = storage.join(self.data_dir, manifest.get("tokenizer", "tokenizer"))
@@ -54,20 +76,40 @@ class PretrainTask(TrainTask):
     def train_loader(self, rank: int, world_size: int, micro_batch: int, seed: int, accum: int = 1):
         from stages.lm.data import Loader, PackedDataset
 
+        if self.weights:
+            from stages.lm.mixture import MixtureLoader
+
+            datasets = {n: PackedDataset(d, "train") for n, d in self.sources.items()}
+            return MixtureLoader(datasets, self.weights, micro_batch, rank, world_size, seed=seed,
+                                 doc_mask=self.doc_mask, accum=accum, repeat=self.repeat)
         return Loader(PackedDataset(self.data_dir, "train"), micro_batch, rank, world_size, seed=seed,
                       shuffle=True, doc_mask=self.doc_mask, drop_last=True, accum=accum)
 
     def val_batches(self, rank: int, world_size: int, micro_batch: int, limit: int) -> Iterator[dict]:
         """The first rows of the val split in order, wrapped around when the split is smaller than one
         global batch, so every rank gets the same number of full batches."""
-        from stages.lm.data import PackedDataset
+        from stages.lm.data import PackedDataset, model_inputs
 
-        ds = PackedDataset(self.data_dir, "val")
-        n = min(limit, -(-len(ds) // (micro_batch * world_size)))
-        rows = np.arange(n * micro_batch * world_size) % len(ds)
+        sets = [PackedDataset(d, "val") for d in self.sources.values()]
+        # a mixture validates on every source's val rows, interleaved: row i of each source in turn
+        which = np.concatenate([np.full(len(ds), k) for k, ds in enumerate(sets)])
+        order = np.argsort(np.concatenate([np.arange(len(ds)) for ds in sets]), kind="stable")
+        which, index = which[order], np.concatenate([np.arange(len(ds)) for ds in sets])[order]
+        n = min(limit, -(-len(which) // (micro_batch * world_size)))
+        rows = np.arange(n * micro_batch * world_size) % len(which)
         for b in range(n):
             start = (b * world_size + rank) * micro_batch
-            yield ds.batch(rows[start: start + micro_batch], doc_mask=self.doc_mask)
+            pick = rows[start: start + micro_batch]
+            if len(sets) == 1:
+                yield sets[0].batch(index[pick], doc_mask=self.doc_mask)
+                continue
+            parts = [sets[k].raw(index[pick][which[pick] == k]) for k in range(len(sets))]
+            at = [np.flatnonzero(which[pick] == k) for k in range(len(sets))]
+            out = [np.empty((len(pick), *p.shape[1:]), np.int64) for p in parts[0]]
+            for a, part in zip(at, parts, strict=True):
+                for whole, piece in zip(out, part, strict=True):
+                    whole[a] = piece
+            yield model_inputs(*out, doc_mask=self.doc_mask)
 
     def loss(self, model, batch: dict):
         return model(**batch, return_logits=False).loss, {}

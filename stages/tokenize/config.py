@@ -85,6 +85,11 @@ def check(config: BaseModel, bound: dict[str, list[str]]) -> None:
         raise ConfigError("stages.tokenize.input",
                           f"tokenize reads the documents of stage {bound['documents'][0]}; remove "
                           "stages.tokenize.input (or that stage)")
+    if bound.get("tokenizer") and (config.tokenizer.path is not None
+                                   or config.tokenizer.train != TrainTokenizer()):
+        raise ConfigError("stages.tokenize.tokenizer",
+                          f"the tokenizer comes from stage {bound['tokenizer'][0]} (inputs); remove "
+                          "stages.tokenize.tokenizer")
     if not bound.get("documents") and not getattr(config, "input", None):
         raise ConfigError("stages.tokenize.input",
                           "required when the pipeline has no dedupe stage: a glob of JSONL, JSONL.gz, "

@@ -79,8 +79,9 @@ def _tokenizer(config: TokenizeConfig, sources: Sources, lay: Layout,
     if info is None:
         ctx.progress.update(step="tokenizer", force=True)
         t0 = time.perf_counter()
-        if config.tokenizer.path is not None:
-            tok = tk.load(config.tokenizer.path)
+        shared = ctx.input("tokenizer")  # another tokenize instance's: one vocabulary for a data mixture
+        if shared is not None or config.tokenizer.path is not None:
+            tok = tk.load(shared.path if shared is not None else config.tokenizer.path)
             sample = 0
         else:
             texts = _training_texts(config, sources, ctx)
@@ -89,7 +90,8 @@ def _tokenizer(config: TokenizeConfig, sources: Sources, lay: Layout,
         sha = tk.save(tok, lay.tokenizer_dir, config.seq_len)
         vocab = tk.vocab_size(tok)
         info = {"sha256": sha, "vocab_size": vocab, "dtype": tk.token_dtype(vocab),
-                "special_token_ids": tk.special_ids(tok), "trained": config.tokenizer.path is None,
+                "special_token_ids": tk.special_ids(tok),
+                "trained": shared is None and config.tokenizer.path is None,
                 "sample_pieces": sample, "seconds": time.perf_counter() - t0}
         storage.write_json(lay.tokenizer_done, info)
     return info, storage.read_text(storage.join(lay.tokenizer_dir, "tokenizer.json"))

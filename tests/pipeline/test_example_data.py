@@ -21,6 +21,10 @@ def test_example_data_writes_every_set_without_train_val_leaks(tmp_path):
             for line in gzip.decompress(p.read_bytes()).decode().splitlines()]
     assert len(docs) > 1000 and {"id", "text"} <= set(docs[0])
     assert any(d["id"] == "json.dumps" and "Serialize" in d["text"] for d in docs)
+    code = [json.loads(line) for p in sorted((out / "code").glob("part-*.jsonl.gz"))
+            for line in gzip.decompress(p.read_bytes()).decode().splitlines()]
+    assert len(code) > 50 and all(d["id"].endswith(".py") and len(d["text"]) <= 20_000 for d in code)
+    assert any(d["id"] == "json.py" and "def dumps(" in d["text"] for d in code)
 
     train, val = _rows(out / "instruct/train.jsonl"), _rows(out / "instruct/val.jsonl")
     assert len(train) > 500 and len(val) > 30
@@ -65,6 +69,7 @@ def test_example_data_is_the_same_everywhere_and_holds_no_environment(tmp_path):
     assert first == second
     text = b"".join(gzip.decompress(v) if k.endswith(".gz") else v for k, v in first.items())
     assert b"s3cr3t-value" not in text and str(tmp_path).encode() not in text
-    assert b" at 0x" not in text
+    pages = b"".join(gzip.decompress(v) for k, v in first.items() if k.startswith("corpus/"))
+    assert b" at 0x" not in pages  # (the code source holds repr formats such as "<%s at 0x%x>")
     # Nor this installation's paths (platform.architecture(executable=sys.executable)).
     assert sys.prefix.encode() not in text and sys.executable.encode() not in text

@@ -1,0 +1,106 @@
+"""pretrain on a weighted mixture of two tokenize instances (real text: package docs and the standard
+library's Python sources), on 2 real Ray Train workers: one shared tokenizer, tokens per source in
+metrics.jsonl and MLflow, new weights re-tokenize nothing, sources with different tokenizers refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.real_text import doc_texts, python_sources
+from pipeline.config import validate_config
+from pipeline.errors import ConfigError
+from pipeline.report import write_report
+from pipeline.runner import run_pipeline
+from stages.lm.presets import ModelSpec
+from stages.pretrain.report_section import _trained, funnel
+from stages.pretrain.task import PretrainTask
+
+MODEL = {"preset": "tiny",
+         "overrides": {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64}}
+
+
+def _jsonl(path: Path, texts: list[str]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": f"d{i}", "text": t[:4000]}) + "\n"
+                            for i, t in enumerate(texts)))
+    return str(path)
+
+
+def _config(root: Path, weights: dict[str, float]) -> dict:
+    docs = _jsonl(root / "docs.jsonl", doc_texts(120))
+    code = _jsonl(root / "code.jsonl", python_sources(60))
+    tok = {"seq_len": 32, "val_fraction": 0.05}
+    return {"name": "mix", "workdir": str(root / "runs"), "stages": {
+        "docs": {"type": "tokenize", "input": docs,
+                 "tokenizer": {"train": {"vocab_size": 320, "sample_docs": 200}}, **tok},
+        "code": {"type": "tokenize", "input": code, "inputs": {"tokenizer": "docs"}, **tok},
+        "pretrain": {"data": weights, "model": MODEL, "scaling": {"num_workers": 2},
+                     "train": {"steps": 4, "micro_batch": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup": 1},
+                     "checkpoint": {"every": 2}, "eval": {"every": 2, "batches": 1}, "log_every": 1}}}
+
+
+@pytest.mark.slow
+def test_mixture_trains_on_both_sources_and_new_weights_retokenize_nothing(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = validate_config(_config(tmp_path, {"docs": 0.7, "code": 0.3}))
+    res = run_pipeline(cfg)
+    docs, code, out = (Path(res.stage_dirs[n]) for n in ("docs", "code", "pretrain"))
+    m_docs, m_code = (json.loads((d / "manifest.json").read_text()) for d in (docs, code))
+    assert m_docs["tokenizer_sha256"] == m_code["tokenizer_sha256"]  # code reuses the docs tokenizer
+    train = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    last = train[-1]
+    assert last["tokens/docs"] > last["tokens/code"] > 0
+    assert last["tokens/docs"] + last["tokens/code"] == last["tokens"] == 4 * 4 * 2 * 32
+    assert 0 < last["epochs/code"] < 1
+    run_id = json.loads((out / "status.json").read_text())["mlflow_run_id"]
+    history = MlflowClient(cfg.tracking_uri()).get_metric_history(run_id, "tokens/code")
+    assert [m.value for m in history] == [r["tokens/code"] for r in train]
+    # the report's funnel follows each source's chain and ends at the tokens trained on
+    run = json.loads((Path(res.run_dir) / "run.json").read_text())
+    assert run["inputs"]["pretrain"]["data"] == ["docs", "code"]
+    assert run["inputs"]["code"]["tokenizer"] == ["docs"]
+    html = Path(write_report(res.run_dir)).read_text()
+    assert "Data funnel by source: pretrain" in html and "source code" in html
+    both = ["docs", "code"]
+    rows = {r[0]: r[1:] for r in funnel(both, res.stage_dirs, run["inputs"], _trained(str(out), both))}
+    assert rows["tokens trained on"] == [last["tokens/docs"], last["tokens/code"]]
+    stats = [json.loads((d / "stats.json").read_text()) for d in (docs, code)]
+    assert rows["documents in"] == [s["docs_in"] for s in stats]
+    assert rows["tokens out (train split)"] == [s["tokens_train"] for s in stats]
+
+    again = run_pipeline(validate_config(_config(tmp_path, {"docs": 0.5, "code": 0.5})))
+    assert again.outcomes["docs"] != "ran" and again.outcomes["code"] != "ran"
+    assert again.outcomes["pretrain"] == "ran" and again.stage_dirs["pretrain"] != str(out)
+
+    # A source tokenized with a tokenizer of its own cannot join the mixture.
+    own = _config(tmp_path, {"docs": 1.0})
+    del own["stages"]["code"]["inputs"]
+    own["stages"]["code"]["tokenizer"] = {"train": {"vocab_size": 300, "sample_docs": 50}}
+    del own["stages"]["pretrain"]
+    other = Path(run_pipeline(validate_config(own)).stage_dirs["code"])
+    with pytest.raises(ConfigError, match=r"stages\.pretrain\.data\.code.*inputs: \{tokenizer: docs\}"):
+        PretrainTask({"docs": str(docs), "code": str(other)}, ModelSpec(**MODEL),
+                     weights={"docs": 1, "code": 1})
+
+
+def test_mixture_config_errors_name_the_key(tmp_path):
+    cfg = _config(tmp_path, {"docs": 0.7, "web": 0.3})
+    with pytest.raises(ConfigError, match=r"stages\.pretrain\.data.*\['web'\] are not stage instances"):
+        validate_config(cfg)
+    cfg = _config(tmp_path, {"docs": 0.7, "code": -1})
+    with pytest.raises(ConfigError, match=r"stages\.pretrain\.data.*positive"):
+        validate_config(cfg)
+    cfg = _config(tmp_path, {"docs": 1.0, "code": 1.0})
+    cfg["stages"]["code"]["tokenizer"] = {"train": {"vocab_size": 500}}
+    with pytest.raises(ConfigError, match=r"stages\.code\.tokenizer.*comes from stage docs"):
+        validate_config(cfg)
+    cfg = _config(tmp_path, {"docs": 1.0, "code": 1.0})
+    cfg["stages"]["pretrain"]["inputs"] = ["docs"]
+    with pytest.raises(ConfigError, match=r"stages\.pretrain\.data.*name the same instances"):
+        validate_config(cfg)
