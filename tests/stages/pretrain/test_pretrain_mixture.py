@@ -29,9 +29,9 @@ def _jsonl(path: Path, texts: list[str]) -> str:
     return str(path)
 
 
-def _config(root: Path, weights: dict[str, float]) -> dict:
+def _config(root: Path, weights: dict[str, float], code_docs: int = 60, code_chars: int = 4000) -> dict:
     docs = _jsonl(root / "docs.jsonl", doc_texts(120))
-    code = _jsonl(root / "code.jsonl", python_sources(60))
+    code = _jsonl(root / "code.jsonl", [t[:code_chars] for t in python_sources(code_docs)])
     tok = {"seq_len": 32, "val_fraction": 0.05}
     return {"name": "mix", "workdir": str(root / "runs"), "stages": {
         "docs": {"type": "tokenize", "input": docs,
@@ -87,6 +87,29 @@ def test_mixture_trains_on_both_sources_and_new_weights_retokenize_nothing(tmp_p
     with pytest.raises(ConfigError, match=r"stages\.pretrain\.data\.code.*inputs: \{tokenizer: docs\}"):
         PretrainTask({"docs": str(docs), "code": str(other)}, ModelSpec(**MODEL),
                      weights={"docs": 1, "code": 1})
+
+
+@pytest.mark.slow
+def test_a_source_that_runs_out_stops_the_run_when_configured(tmp_path):
+    """on_exhausted: stop: the run ends before the first step some of whose rows are missing, with its
+    evaluation, checkpoint and exported model, and says why."""
+    cfg = _config(tmp_path, {"docs": 0.5, "code": 0.5}, code_docs=3, code_chars=400)
+    cfg["stages"]["pretrain"] |= {"mixture": {"on_exhausted": "stop"}, "train": {
+        "steps": 12, "micro_batch": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup": 1}}
+    res = run_pipeline(validate_config(cfg))
+    manifest = json.loads((Path(res.stage_dirs["code"]) / "manifest.json").read_text())
+    code_rows = manifest["splits"]["train"]["rows"]
+    out = Path(res.stage_dirs["pretrain"])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    (event,) = [r for r in rows if r.get("event") == "source_exhausted"]
+    assert event["source"] == "code" and event["rows"] == code_rows and event["step"] == steps[-1]
+    assert 0 < steps[-1] < 12 and steps == list(range(1, steps[-1] + 1))
+    last = [r for r in rows if "loss" in r][-1]
+    assert last["tokens/code"] <= code_rows * 32 < last["tokens/code"] + 8 * 32  # less than a step short
+    assert any("eval_loss" in r and r["step"] == steps[-1] for r in rows)
+    assert (out / "model" / "model.safetensors").is_file()
+    assert (out / "checkpoints" / f"step-{steps[-1]}" / "complete.json").is_file()
 
 
 def test_mixture_config_errors_name_the_key(tmp_path):
