@@ -6,7 +6,7 @@ repetition, Gopher quality, C4, FineWeb) with default thresholds on the same rea
 first filter that removes it, and C4's kept lines are what FineWeb sees, in both. Both split English words
 with spaCy's rule-based tokenizer (datatrove's English word tokenizer). The decisions are also compared.
 
-Usage: ``python bench/filter.py [--docs 3000]``.
+Usage: ``python -m bench.filter [--docs 3000]`` (from the repository root).
 """
 
 from __future__ import annotations

