@@ -5,6 +5,9 @@ metrics.jsonl and MLflow, new weights re-tokenize nothing, sources with differen
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from stages.lm.presets import ModelSpec
 from stages.pretrain.report_section import _trained, funnel
 from stages.pretrain.task import PretrainTask
 
+REPO = Path(__file__).resolve().parents[3]
 MODEL = {"preset": "tiny",
          "overrides": {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64}}
 
@@ -42,12 +46,19 @@ def _config(root: Path, weights: dict[str, float], code_docs: int = 60, code_cha
                      "checkpoint": {"every": 2}, "eval": {"every": 2, "batches": 1}, "log_every": 1}}}
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> tuple[Path, object, object]:
+    """(root, config, result) of the uninterrupted docs 0.7 / code 0.3 run through the pipeline runner."""
+    root = tmp_path_factory.mktemp("mix")
+    cfg = validate_config(_config(root, {"docs": 0.7, "code": 0.3}))
+    return root, cfg, run_pipeline(cfg)
+
+
 @pytest.mark.slow
-def test_mixture_trains_on_both_sources_and_new_weights_retokenize_nothing(tmp_path):
+def test_mixture_trains_on_both_sources_and_new_weights_retokenize_nothing(straight):
     from mlflow.tracking import MlflowClient
 
-    cfg = validate_config(_config(tmp_path, {"docs": 0.7, "code": 0.3}))
-    res = run_pipeline(cfg)
+    tmp_path, cfg, res = straight
     docs, code, out = (Path(res.stage_dirs[n]) for n in ("docs", "code", "pretrain"))
     m_docs, m_code = (json.loads((d / "manifest.json").read_text()) for d in (docs, code))
     assert m_docs["tokenizer_sha256"] == m_code["tokenizer_sha256"]  # code reuses the docs tokenizer
@@ -87,6 +98,43 @@ def test_mixture_trains_on_both_sources_and_new_weights_retokenize_nothing(tmp_p
     with pytest.raises(ConfigError, match=r"stages\.pretrain\.data\.code.*inputs: \{tokenizer: docs\}"):
         PretrainTask({"docs": str(docs), "code": str(other)}, ModelSpec(**MODEL),
                      weights={"docs": 1, "code": 1})
+
+
+KILLED = r"""
+import json, logging, sys
+from pathlib import Path
+from pipeline.stage import Progress, StageContext, handle
+from pipeline.tracking import NullTracker
+from stages.pretrain.config import PretrainConfig
+from stages.pretrain.run import run
+out, sources, cfg = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+data = [handle("tokenize", d, "shards", instance=name) for name, d in sources.items()]
+ctx = StageContext(name="pretrain", out_dir=out, run_dir=str(Path(out).parent), fingerprint="test",
+                   inputs={"data": data}, tracker=NullTracker(), progress=Progress(None),
+                   logger=logging.getLogger("test"))
+run(PretrainConfig(**cfg), ctx)
+print("NOT KILLED")
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_mixture_run_resumes_to_the_same_bytes(straight, tmp_path):
+    root, cfg, res = straight
+    sources = {n: res.stage_dirs[n] for n in ("docs", "code")}
+    config = _config(root, {"docs": 0.7, "code": 0.3})["stages"]["pretrain"]
+    out = tmp_path / "pretrain"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-c", KILLED, str(out), json.dumps(sources), json.dumps(config)]
+    proc = subprocess.run(args, env={**env, "SEEDLINE_TRAIN_KILL_AT_STEP": "2"}, cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 137, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert (out / "checkpoints/step-2/complete.json").is_file() and not (out / "model").exists()
+    resumed = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
+                             check=False)
+    assert resumed.returncode == 0 and "NOT KILLED" in resumed.stdout, resumed.stderr[-4000:]
+    ref = Path(res.stage_dirs["pretrain"])
+    for name in ("metrics.jsonl", "model/model.safetensors"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
 
 
 @pytest.mark.slow
