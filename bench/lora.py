@@ -3,13 +3,14 @@
     DS_ACCELERATOR=cpu .venv/bin/python bench/lora.py [--dim 512] [--layers 6] [--steps 6] [--warmup 2]
         [--micro-batch 4] [--rank 16] [--workers 1]
 
-Builds a base model (random weights, ``--dim``/``--layers``, a 512-token BPE trained on the synthetic
-data) and synthetic chat and preference files, then runs the real sft and dpo stages (Ray Train workers,
-DeepSpeed ZeRO-2) four times: {sft, dpo} x {full, lora (all-linear, ``--rank``)}, with the same rows.
-For each it prints tokens/s (median of the trainer's per-step timing after ``--warmup`` steps) and peak
-memory of the busiest worker (peak RSS on CPU, i.e. runtime + model + gradients + optimizer state +
-activations; max allocated memory on a GPU), then the LoRA/full ratios. dpo runs with the precomputed
-reference for full fine-tuning and the base with adapters disabled for LoRA (each mode's default).
+Writes the demo data (real text: instruction and preference pairs made from the standard library's pydoc
+pages), trains a 2048-token BPE on its corpus, builds a base model (random weights, ``--dim``/``--layers``)
+and runs the real sft and dpo stages (Ray Train workers, DeepSpeed ZeRO-2) on the same rows: sft full and
+LoRA (all-linear, ``--rank``); dpo full and LoRA, both with the precomputed reference (the like-for-like
+ratio), and LoRA with the base as the reference (adapters disabled: LoRA's default, one more forward per
+step, no reference pass before training). For each it prints tokens/s (median of the trainer's per-step
+timing after ``--warmup`` steps) and peak memory of the busiest worker (peak RSS on CPU, i.e. runtime +
+model + gradients + optimizer state + activations; max allocated memory on a GPU), then the ratios.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -28,43 +28,34 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-WORDS = ("return", "value", "object", "string", "list", "items", "sorted", "key", "raise", "error", "file",
-         "path", "read", "write", "bytes", "encode", "decode", "socket", "buffer", "stream", "table")
-
-
-def _text(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
-
-
 def make_inputs(root: Path, dim: int, layers: int) -> dict[str, str]:
-    """Tokenizer + base model (HF directory) + chat and preference JSONL files."""
+    """The demo's real data (``seedline example-data``: instruction and preference pairs from the standard
+    library's pydoc pages), a 2048-token BPE trained on its corpus, and a base model (HF directory)."""
+    import gzip
+
     import torch
 
+    from pipeline.example_data import write_all
     from stages.lm.hf import export_hf
     from stages.lm.model import CausalLM, ModelConfig
     from stages.tokenize.config import TrainTokenizer
     from stages.tokenize.tokenizer import save, train_bpe, vocab_size
 
-    rng = random.Random(0)
-    chats, pairs = [], []
-    for i in range(400):
-        q = f"What does `mod.f{i}` do?"
-        good, bad = _text(rng, rng.randint(20, 40)), _text(rng, rng.randint(20, 40))
-        chats.append({"prompt": q, "completion": good})
-        pairs.append({"prompt": q, "chosen": good, "rejected": bad})
-    tok = train_bpe([json.dumps(r) for r in pairs] * 2, TrainTokenizer(vocab_size=512, sample_docs=2000))
+    demo = write_all(root / "demo-data")
+    pages = [json.loads(line)["text"] for p in sorted((demo / "corpus").glob("*.jsonl.gz"))
+             for line in gzip.decompress(p.read_bytes()).decode().splitlines()]
+    tok = train_bpe(pages, TrainTokenizer(vocab_size=2048, sample_docs=2000))
     save(tok, str(root / "tok"), model_max_length=256)
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=vocab_size(tok), dim=dim, n_layers=layers, n_heads=dim // 64,
                       n_kv_heads=max(1, dim // 128), max_seq_len=256)
     export_hf(CausalLM(cfg), str(root / "tok"), str(root / "base"))
-    for name, rows in (("chats", chats), ("pairs", pairs)):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"base": str(root / "base"), "chats": str(root / "chats.jsonl"),
-            "pairs": str(root / "pairs.jsonl")}
+    return {"base": str(root / "base"), "chats": str(demo / "instruct" / "train.jsonl"),
+            "pairs": str(demo / "prefs" / "train.jsonl")}
 
 
-def run_stage(kind: str, lora: bool, inputs: dict[str, str], root: Path, args) -> dict[str, float]:
+def run_stage(kind: str, lora: bool, inputs: dict[str, str], root: Path, args,
+              reference: str = "precompute") -> dict[str, float]:
     """One stage run; its median tokens/s, peak memory and trainable share."""
     from pipeline.stage import Progress, StageContext
     from pipeline.tracking import NullTracker
@@ -83,8 +74,8 @@ def run_stage(kind: str, lora: bool, inputs: dict[str, str], root: Path, args) -
     else:
         from stages.dpo.config import DPOConfig as Config
         from stages.dpo.run import run
-        cfg = Config(data=inputs["pairs"], max_len=128, max_prompt_len=32, **common)
-    out = root / f"{kind}-{'lora' if lora else 'full'}"
+        cfg = Config(data=inputs["pairs"], max_len=128, max_prompt_len=32, reference=reference, **common)
+    out = root / f"{kind}-{'lora' if lora else 'full'}-{reference}"
     ctx = StageContext(name=kind, out_dir=str(out), run_dir=str(root), fingerprint="bench", inputs={},
                        tracker=NullTracker(), progress=Progress(None), logger=logging.getLogger("bench"),
                        ray_num_cpus=max(2, args.workers))
@@ -115,6 +106,7 @@ def main() -> None:
         inputs = make_inputs(Path(tmp), args.dim, args.layers)
         results = {(k, lo): run_stage(k, lo, inputs, Path(tmp), args)
                    for k in ("sft", "dpo") for lo in (False, True)}
+        in_memory = run_stage("dpo", True, inputs, Path(tmp), args, reference="in_memory")
     n = results[("sft", False)]["params"]
     print(f"model: dim {args.dim}, {args.layers} layers, {n / 1e6:.1f}M params; {args.workers} worker(s), "
           f"ZeRO-2, micro-batch {args.micro_batch}, {args.steps} steps (median after {args.warmup}); "
@@ -124,11 +116,15 @@ def main() -> None:
         name = f"lora r={args.rank}" if lora else "full"
         print(f"{kind} {name:>10}: {r['tokens_per_s']:,.0f} tokens/s, "
               f"{memory} {r['peak_memory_mb']:,.0f} MiB, trainable {r['trainable_share'] * 100:.2f}%")
+    r = in_memory
+    print(f"dpo lora r={args.rank}, base as reference: {r['tokens_per_s']:,.0f} tokens/s, "
+          f"{memory} {r['peak_memory_mb']:,.0f} MiB")
     for kind in ("sft", "dpo"):
         full, lora = results[(kind, False)], results[(kind, True)]
         print(f"{kind} lora/full: tokens/s {lora['tokens_per_s'] / full['tokens_per_s']:.2f}x, "
               f"{memory} {lora['peak_memory_mb'] / full['peak_memory_mb']:.2f}x "
-              f"({full['peak_memory_mb'] - lora['peak_memory_mb']:+,.0f} MiB saved)")
+              f"({full['peak_memory_mb'] - lora['peak_memory_mb']:+,.0f} MiB saved)"
+              + (" (both with the precomputed reference)" if kind == "dpo" else ""))
 
 
 if __name__ == "__main__":
