@@ -70,6 +70,8 @@ def stage_artifacts(tracker: Any, stage_dir: str, outputs: dict[str, str]) -> No
         if kind.startswith("stage:") or not rel:
             continue
         path = storage.join(stage_dir, rel)
+        if not storage.exists(path):  # an optional output this run did not make (sft's adapter/ without lora)
+            continue
         size = _size(path)
         if size is None or size > ARTIFACT_LIMIT:
             tags[f"seedline.output.{kind}"] = path

@@ -4,11 +4,12 @@ from pipeline.stage import InputSlot, register
 from stages.sft.config import SFTConfig, check
 
 # model: the pretrain instance's model (or the instance named by `init_from`; a directory there instead);
-# tokenizer: the tokenize instance's, used when the model directory has none.
+# tokenizer: the tokenize instance's, used when the model directory has none. adapter: with `lora:`, the
+# trained adapters in PEFT's format (model/ holds them merged).
 register(name="sft", config=SFTConfig, version="1", run="stages.sft.run:run",
          inputs={"model": InputSlot("model", required=False, prefer=("pretrain",), config_key="init_from"),
                  "tokenizer": InputSlot("tokenizer", required=False, prefer=("tokenize",))},
-         outputs={"model": "model", "metrics": "metrics.jsonl"},
+         outputs={"model": "model", "adapter": "adapter", "metrics": "metrics.jsonl"},
          check=check, verdict="stages.lm.verdict:sft")
 
 __all__ = ["SFTConfig"]

@@ -17,6 +17,7 @@ from test_dpo_stage import REPO, _ctx
 
 from pipeline.config import validate_config
 from pipeline.runner import run_pipeline
+from pipeline.stage import handle
 from stages.dpo.config import DPOConfig
 
 pytestmark = pytest.mark.slow
@@ -89,11 +90,15 @@ def test_sft_lora_then_dpo_lora_on_the_merged_sft_model(dpo_assets, tmp_path, ra
                            "stages": {"sft": sft, "dpo": dpo}})
     res = run_pipeline(cfg)
     sft_out, dpo_out = Path(res.stage_dirs["sft"]), Path(res.stage_dirs["dpo"])
-    adapter = json.loads((dpo_out / "adapter" / "adapter_config.json").read_text())
+    # adapter/ is a typed output of both stages: a consumer gets it as a handle
+    sft_adapter = handle("sft", str(sft_out), "adapter").path
+    dpo_adapter = handle("dpo", str(dpo_out), "adapter").path
+    assert Path(sft_adapter, "adapter_model.safetensors").is_file()
+    adapter = json.loads(Path(dpo_adapter, "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(sft_out / "model")
     ids = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         base = LlamaForCausalLM.from_pretrained(str(sft_out / "model"), dtype=torch.float32)
-        peft = PeftModel.from_pretrained(base, str(dpo_out / "adapter")).eval()(input_ids=ids).logits
+        peft = PeftModel.from_pretrained(base, dpo_adapter).eval()(input_ids=ids).logits
         merged = LlamaForCausalLM.from_pretrained(str(dpo_out / "model"), dtype=torch.float32).eval()
         assert (peft - merged(input_ids=ids).logits).abs().max() <= 1e-4

@@ -111,11 +111,13 @@ def test_resume_refuses_checkpoints_of_another_base(tmp_path, ray_address, input
         run(SFTConfig(**_config(inputs)), stage_context(out, ray_address))
 
 
-def test_zero3_lora_trains_like_zero2(tmp_path, ray_address, inputs, lora_run):
+@pytest.mark.parametrize("zero_stage", [0, 1, 3])
+def test_lora_trains_like_zero2_under_every_zero_stage(zero_stage, tmp_path, ray_address, inputs, lora_run):
     from stages.sft.run import run
 
     out = tmp_path / "sft"
-    cfg = _config(inputs, deepspeed={"zero_stage": 3}, train=_config(inputs)["train"] | {"steps": KILL_AT},
+    cfg = _config(inputs, deepspeed={"zero_stage": zero_stage},
+                  train=_config(inputs)["train"] | {"steps": KILL_AT},
                   checkpoint={"every": KILL_AT, "keep": 1})
     run(SFTConfig(**cfg), stage_context(out, ray_address))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
