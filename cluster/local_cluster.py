@@ -39,9 +39,11 @@ ATTEMPTS = int(os.environ.get("SEEDLINE_NODE_START_ATTEMPTS", "6"))
 BUCKET = "seedline"
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
-# Ray and the job's environment must not inherit another cluster's address or token.
+# Ray and the job's environment must not inherit another cluster's address or token, nor the loopback-only
+# switch a local Ray started earlier in this process set (pipeline.ray_init): with it a worker node
+# refuses to join ("Multi-node Ray clusters are not supported").
 CLEAR_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
-             "RAY_AUTH_MODE", "PYTHONPATH")
+             "RAY_AUTH_MODE", "PYTHONPATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
 
 
 def free_port() -> int:

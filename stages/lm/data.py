@@ -312,10 +312,6 @@ class Loader:
         while not self._exhausted():
             yield next(self)
 
-    def metrics(self) -> dict[str, float]:
-        """Per-source counters of a mixture (``MixtureLoader``); a single dataset has none."""
-        return {}
-
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "shuffle": self.shuffle,
                 "num_samples": len(self.dataset), "drop_last": self.drop_last}

@@ -437,7 +437,7 @@ def train_loop(lc: dict[str, Any]) -> None:
             except SourceExhausted as e:  # mixture.on_exhausted: stop; raised before the step began
                 _ran_out(engine, loader, lc, env, state, guard, sink, e)
                 break
-            metrics |= loader.metrics()
+            metrics |= loader.metrics() if hasattr(loader, "metrics") else {}
             dt = time.perf_counter() - t0
             state["step"] = step
             beats.advance(step, dt)

@@ -54,7 +54,8 @@ class TrainTask(ABC):
     def train_loader(self, rank: int, world_size: int, micro_batch: int, seed: int, accum: int = 1):
         """Endless iterator of batch dicts for this rank, with ``state_dict()`` / ``load_state_dict()``
         for exact resume at any world size; an epoch ends only between optimizer steps of ``accum``
-        micro-batches (so the steps see the same rows whatever the split of a step over workers)."""
+        micro-batches (so the steps see the same rows whatever the split of a step over workers). A loader
+        may have ``metrics()``: counters logged with every step (a mixture's tokens per source)."""
 
     @abstractmethod
     def val_batches(self, rank: int, world_size: int, micro_batch: int, limit: int) -> Iterable[dict]:
