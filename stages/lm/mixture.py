@@ -115,6 +115,19 @@ class MixturePlan:
         return out
 
 
+def gather(datasets: list[PackedDataset], src: np.ndarray, rows: np.ndarray, doc_mask: bool = False
+           ) -> dict[str, torch.Tensor]:
+    """Model inputs of row ``rows[j]`` of ``datasets[src[j]]`` for each j, in that order."""
+    T = datasets[0].seq_len
+    n = len(rows)
+    out = (np.empty((n, T + 1), np.int64), np.empty(n, np.int64), np.zeros((n, T), np.int64))
+    for s in np.unique(src):
+        at = np.flatnonzero(src == s)
+        for whole, part in zip(out, datasets[int(s)].raw(rows[at]), strict=True):
+            whole[at] = part
+    return model_inputs(*out, doc_mask=doc_mask)
+
+
 class MixtureLoader:
     """Batches of a weighted mixture for one data-parallel rank, forever (the ``Loader`` interface).
 
@@ -172,14 +185,7 @@ class MixtureLoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         src, rows = self.next_rows()
-        T = self.datasets[0].seq_len
-        n = len(rows)
-        out = (np.empty((n, T + 1), np.int64), np.empty(n, np.int64), np.zeros((n, T), np.int64))
-        for s in np.unique(src):
-            at = np.flatnonzero(src == s)
-            for whole, part in zip(out, self.datasets[int(s)].raw(rows[at]), strict=True):
-                whole[at] = part
-        return model_inputs(*out, doc_mask=self.doc_mask)
+        return gather(self.datasets, src, rows, self.doc_mask)
 
     def metrics(self) -> dict[str, float]:
         """Tokens taken so far from each source (all ranks) and its epochs (passes begun over its rows)."""

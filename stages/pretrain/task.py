@@ -88,7 +88,7 @@ class PretrainTask(TrainTask):
     def val_batches(self, rank: int, world_size: int, micro_batch: int, limit: int) -> Iterator[dict]:
         """The first rows of the val split in order, wrapped around when the split is smaller than one
         global batch, so every rank gets the same number of full batches."""
-        from stages.lm.data import PackedDataset, model_inputs
+        from stages.lm.data import PackedDataset
 
         sets = [PackedDataset(d, "val") for d in self.sources.values()]
         # a mixture validates on every source's val rows, interleaved: row i of each source in turn
@@ -102,14 +102,10 @@ class PretrainTask(TrainTask):
             pick = rows[start: start + micro_batch]
             if len(sets) == 1:
                 yield sets[0].batch(index[pick], doc_mask=self.doc_mask)
-                continue
-            parts = [sets[k].raw(index[pick][which[pick] == k]) for k in range(len(sets))]
-            at = [np.flatnonzero(which[pick] == k) for k in range(len(sets))]
-            out = [np.empty((len(pick), *p.shape[1:]), np.int64) for p in parts[0]]
-            for a, part in zip(at, parts, strict=True):
-                for whole, piece in zip(out, part, strict=True):
-                    whole[a] = piece
-            yield model_inputs(*out, doc_mask=self.doc_mask)
+            else:
+                from stages.lm.mixture import gather
+
+                yield gather(sets, which[pick], index[pick], self.doc_mask)
 
     def loss(self, model, batch: dict):
         return model(**batch, return_logits=False).loss, {}
