@@ -48,12 +48,15 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(code if isinstance(code, int) else 2 if isinstance(e, ConfigError) else 1)
 
 
-def _progress_bars():
-    """A rich progress display and a factory of per-stage callbacks (``done``/``step`` of ``total``)."""
+def _progress_bars(console):
+    """A rich progress display on ``console`` and a factory of per-stage callbacks (``done``/``step`` of
+    ``total``)."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bars = Progress(TextColumn("{task.description:24s}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), transient=False)
+                    TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), transient=False,
+                    console=Console(file=console))
 
     def factory(stage: str):
         task = bars.add_task(stage, total=None, unit="")
@@ -71,21 +74,34 @@ def _progress_bars():
     return bars, factory
 
 
-def _run(cfg, only: str | None, from_stage: str | None) -> None:
-    import contextlib
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="also show Ray, DeepSpeed, torch, MLflow and "
+                                       "worker output on the console (it always goes to <run>/logs/)")]
 
+
+def _say(message: str) -> None:
+    """A line for the user: on the console and in the run's driver log."""
+    import logging
+
+    logging.getLogger("seedline").info(message)
+
+
+def _run(cfg, only: str | None, from_stage: str | None, verbose: bool = False) -> None:
+    from pipeline import run_logs
     from pipeline.runner import run_pipeline
-
-    bars, factory = _progress_bars() if sys.stderr.isatty() else (contextlib.nullcontext(), None)
-    try:
-        with bars:
-            res = run_pipeline(cfg, only=only, from_stage=from_stage, show=lambda m: typer.echo(m, err=True),
-                               progress_factory=factory)
-    except SeedlineError as e:
-        _fail(e)
     from pipeline.summary import print_summary
 
-    print_summary(res.run_dir, res.outcomes, lambda line: typer.echo(line, err=True))
+    failed: SeedlineError | None = None
+    with run_logs.capture(verbose) as router:
+        tty = router.console.isatty()
+        bars, factory = _progress_bars(router.console) if tty else (contextlib.nullcontext(), None)
+        try:
+            with bars:
+                res = run_pipeline(cfg, only=only, from_stage=from_stage, show=_say, progress_factory=factory)
+            print_summary(res.run_dir, res.outcomes, _say)
+        except SeedlineError as e:
+            failed = e
+    if failed is not None:
+        _fail(failed)
     typer.echo(res.run_dir)
 
 
@@ -96,7 +112,8 @@ def run(config: Path, overrides: Overrides = None, only: str | None = typer.Opti
                                         "(repeat for a cross product); adds to the file's sweep: section"),
         max_parallel: int | None = typer.Option(None, "--max-parallel", min=1,
                                                 help="sweep variants at once (default: max_parallel_stages, "
-                                                     "else one per local CPU)")) -> None:
+                                                     "else one per local CPU)"),
+        verbose: Verbose = False) -> None:
     """Run (or continue) the pipeline described by CONFIG (every variant of its sweep, if it has one)."""
     from pipeline.config import load_raw, validate_config
     from pipeline.preflight import check
@@ -115,12 +132,13 @@ def run(config: Path, overrides: Overrides = None, only: str | None = typer.Opti
     except SeedlineError as e:
         _fail(e)
     if swept:
-        _run_sweep(data, swept, variants, max_parallel)
+        _run_sweep(data, swept, variants, max_parallel, verbose)
     else:
-        _run(cfg, only, from_stage)
+        _run(cfg, only, from_stage, verbose)
 
 
-def _run_sweep(data: dict, swept: dict, variants: list, max_parallel: int | None) -> None:
+def _run_sweep(data: dict, swept: dict, variants: list, max_parallel: int | None, verbose: bool) -> None:
+    from pipeline import run_logs
     from pipeline.sweep import default_parallel, run_sweep, write_index
 
     base = variants[0].config
@@ -128,7 +146,8 @@ def _run_sweep(data: dict, swept: dict, variants: list, max_parallel: int | None
     write_index(sweep_dir, swept, variants)
     parallel = max_parallel or base.max_parallel_stages or default_parallel(variants)
     typer.echo(f"sweep {sweep_dir}: {len(variants)} variants, {parallel} at once", err=True)
-    results = run_sweep(variants, data.get("name", "run"), parallel, lambda m: typer.echo(m, err=True))
+    with run_logs.capture(verbose):
+        results = run_sweep(variants, data.get("name", "run"), parallel, _say)
     failed = {n: r for n, r in results.items() if isinstance(r, Exception)}
     for name, err in failed.items():
         typer.echo(f"error: variant {name}: {err}", err=True)
@@ -142,7 +161,7 @@ def _run_sweep(data: dict, swept: dict, variants: list, max_parallel: int | None
 
 @app.command()
 def resume(run_dir: str, address: str | None = typer.Option(None, "--address"),
-           insecure: bool = typer.Option(False, "--insecure")) -> None:
+           insecure: bool = typer.Option(False, "--insecure"), verbose: Verbose = False) -> None:
     """Resume a run from its saved run.json (locally, or on a cluster with --address)."""
     from pipeline.config import validate_config
 
@@ -156,9 +175,9 @@ def resume(run_dir: str, address: str | None = typer.Option(None, "--address"),
 
         cfg = validate_config(resumable_config(run_dir))
         check(cfg)
-        _run(cfg, None, None)
     except SeedlineError as e:
         _fail(e)
+    _run(cfg, None, None, verbose)
 
 
 def _newest_run(workdir: str) -> str:

@@ -29,8 +29,11 @@ _INIT_LOCK = threading.Lock()  # sweep variants run in threads of one driver: on
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Initialise Ray once per process (thread-safe); see ``_init_ray``."""
+    from pipeline import run_logs
+
     with _INIT_LOCK:
         _init_ray(address, num_cpus)
+        run_logs.attach_ray()  # when the CLI captures output: worker lines to the stage logs
 
 
 def _init_ray(address: str | None, num_cpus: int | None = None) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import mlflow_run, storage
+from pipeline import mlflow_run, run_logs, storage
 from pipeline.config import PipelineConfig, resolved
 from pipeline.errors import ConfigError, StageFailed, failure_details, failure_line
 from pipeline.graph import Node, downstream, lineage, order
@@ -146,6 +146,7 @@ class Runner:
 
     def _open_run(self, nodes: list[Node]) -> None:
         storage.makedirs(self.state.run_dir)
+        run_logs.open_run(self.state.run_dir)
         data = self.state.load()
         if self.cfg.tracking.enabled:
             experiment = self.cfg.tracking.experiment or self.cfg.name
@@ -237,10 +238,12 @@ class Runner:
         ctx = self._context(node, sdir, tracker, progress)
         if not prev.get("mlflow_run_id"):  # a new stage run: what it reads, once
             mlflow_run.stage_inputs(tracker, ctx.inputs)
+        run_logs.stage_started(self.state.run_dir, node.name)
         try:
             node.spec.load_run()(node.config, ctx)
         except BaseException as e:
             lease.on_beat = None
+            run_logs.stage_ended(self.state.run_dir, node.name)
             # One line for status.json and the terminal; the whole traceback (no colour codes, no
             # credentials) in error.txt.
             reason = "lease lost to another driver" if lease.lost else failure_line(e)
@@ -252,6 +255,8 @@ class Runner:
                 raise StageFailed(f"stage '{node.name}' failed: {reason} (details: {sdir}/error.txt)") from e
             raise
         lease.on_beat = None
+        run_logs.stage_ended(self.state.run_dir, node.name)
+        self._fold_progress(sdir, status, progress)  # the last update (a short stage's only one)
         progress = read_progress(sdir) or status["progress"]
         status.update(state="succeeded", finished=time.time(), progress=progress)
         mlflow_run.stage_artifacts(tracker, sdir, node.spec.outputs)

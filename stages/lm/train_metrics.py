@@ -77,8 +77,9 @@ class MetricsSink:
         if step % self.log_every == 0 or step == self.total_steps:
             self.tracker.log_metrics({**metrics, **perf, "tokens": tokens}, step=step)
             logging.getLogger(self.logger_name).info(
-                "step %d/%d loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f", step, self.total_steps,
-                metrics["loss"], metrics["lr"], metrics["grad_norm"], perf["tokens_per_s"])
+                "%s: step %d/%d loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f",
+                self.logger_name.rpartition(".")[2], step, self.total_steps, metrics["loss"], metrics["lr"],
+                metrics["grad_norm"], perf["tokens_per_s"])
 
     def event(self, record: dict[str, Any], message: str) -> None:
         """A health event (``record`` has ``step`` and ``event``): a ``metrics.jsonl`` line, a warning on

@@ -83,8 +83,10 @@ def _setup(lc: dict[str, Any]) -> WorkerEnv:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    from pipeline.run_logs import mark_worker_logs
     from stages.lm.node_cache import reset_io
 
+    mark_worker_logs()  # the step lines reach the driver's console; the rest goes to the stage's log
     reset_io()
     store = CheckpointStore(lc["out_dir"], tc.get_world_rank(), tc.get_local_rank())
     return WorkerEnv(tc.get_world_rank(), tc.get_world_size(), device, store.local_out, store, lc["out_dir"],
@@ -422,7 +424,7 @@ def train_loop(lc: dict[str, Any]) -> None:
     sink = None
     if env.rank == 0:
         sink = MetricsSink(env.out, state["step"], train.steps, lc["log_every"], lc["tracker_spec"],
-                           lc["progress"])
+                           lc["progress"], logger_name=f"seedline.{lc.get('name', 'train')}")
     beats = _heartbeats(lc, env, state["step"])
     peak = lc["peak_flops"]
     try:

@@ -149,7 +149,7 @@ def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext,
     sc = cfg.scaling
     lora_base = _lora_base(task, lora, str(out), ctx.name)
     loop_config = {
-        "task": task, "train": cfg.train, "scaling": sc, "deepspeed": cfg.deepspeed,
+        "name": ctx.name, "task": task, "train": cfg.train, "scaling": sc, "deepspeed": cfg.deepspeed,
         "checkpoint": cfg.checkpoint, "eval": cfg.eval, "log_every": cfg.log_every, "health": cfg.health,
         "out_dir": str(out), "tracker_spec": ctx.tracker.spec(), "progress": ctx.progress, "hooks": hooks,
         "peak_flops": _peak_flops(sc), "heartbeats": heartbeats, "lora": lora, "lora_base": lora_base,

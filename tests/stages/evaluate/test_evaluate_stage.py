@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -334,6 +335,29 @@ def test_best_model_is_registered_with_alias_and_lineage_and_loads_back(setup):
     stops = [setup["tok"].token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")]
     new = [t for t in ref.generate([prompt], 5, stop_tokens=stops)[0] if t not in stops]
     assert out[0] == setup["tok"].decode(new)
+
+
+def test_the_reports_verdict_names_the_model_results_json_registered_and_why(setup):
+    import html
+    import re
+
+    from pipeline.report import write_report
+
+    root = setup["root"]
+    run_json = {"config": {"name": "evaltest"}, "stages": {"evaluate": "out"}, "order": ["evaluate"]}
+    (root / "run.json").write_text(json.dumps(run_json))
+    status = setup["out"] / "status.json"  # what the runner writes when the stage ends
+    if not status.exists():
+        status.write_text(json.dumps({"state": "succeeded", "stage": "evaluate", "type": "evaluate"}))
+    page = Path(write_report(str(root))).read_text()
+    section = page[page.index("<h2>Verdict</h2>"):page.index("</div>", page.index('<div class="verdict">'))]
+    results = json.loads((setup["out"] / "results.json").read_text())
+    reg = results["registered"]
+    cells = [html.unescape(c) for c in re.findall(r"<td>(.*?)</td>", section)]
+    assert cells[:2] == ["evaluate", f"registered {reg['stage']}"]
+    assert reg["why"] in cells and reg["why"].startswith("best of 3 by perplexity")
+    best = min(results["models"], key=lambda m: results["models"][m]["perplexity"])
+    assert reg["stage"] == best
 
 
 def test_resume_finishes_with_identical_outputs_and_one_registration(setup):
