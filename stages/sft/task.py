@@ -55,6 +55,10 @@ class SFTTask(TrainTask):
         for idx in val_indices(len(ds), rank, world_size, micro_batch, limit):
             yield ds.batch(idx, doc_mask=self.packing)
 
+    def tokens(self, batch: dict) -> int:
+        """Real tokens of the micro-batch (packed rows end in padding): what tokens/s counts."""
+        return int((batch["input_ids"] != self.pad_id).sum())
+
     def loss(self, model, batch: dict) -> tuple[Any, dict[str, Any]]:
         """Mean cross-entropy over the trained (assistant) tokens of the micro-batch."""
         out = model(**batch, return_logits=False)
