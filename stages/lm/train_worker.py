@@ -292,6 +292,18 @@ def _evaluate(engine, lc: dict[str, Any], env: WorkerEnv) -> dict[str, float]:
     return {f"eval_{k}": v for k, v in means.items()}
 
 
+def _baseline(engine, lc: dict[str, Any], env: WorkerEnv, sink) -> None:
+    """The starting model's validation metrics, before the first step, on the batches every later
+    evaluation uses: step 0 of the validation curve (``metrics.jsonl``, MLflow ``eval_*`` and ``base_eval_*``)
+    and ``lc["baseline"]`` in the stage directory (written once: a resumed run has it)."""
+    evm = _evaluate(engine, lc, env)
+    if sink:
+        sink.eval(0, evm)
+        sink.tracker.log_metrics({f"base_{k}": v for k, v in evm.items()}, step=0)
+    if env.rank == 0:
+        _write_json(env, lc["baseline"], {f"base_{k}": v for k, v in evm.items()})
+
+
 def _save(engine, loader, env: WorkerEnv, state: dict[str, Any], keep: int) -> None:
     """Checkpoint ``state`` (step, tokens, consumed samples, the spike guard's history) with the engine,
     the loader position and every rank's RNGs; the marker last."""
@@ -425,6 +437,8 @@ def train_loop(lc: dict[str, Any]) -> None:
     if env.rank == 0:
         sink = MetricsSink(env.out, state["step"], train.steps, lc["log_every"], lc["tracker_spec"],
                            lc["progress"], logger_name=f"seedline.{lc.get('name', 'train')}")
+    if lc.get("baseline") and state["step"] == 0:
+        _baseline(engine, lc, env, sink)
     beats = _heartbeats(lc, env, state["step"])
     peak = lc["peak_flops"]
     try:

@@ -120,9 +120,11 @@ def _peak_flops(scaling) -> float | None:
 
 
 def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext,
-        lora: LoraSpec | None = None) -> FitResult:
+        lora: LoraSpec | None = None, baseline: str | None = None) -> FitResult:
     """Train ``task`` with the stage's training sections, resuming from ``<ctx.out_dir>/checkpoints``;
-    with ``lora`` (the sft/dpo stage's own section) only low-rank adapters train. See the module docstring."""
+    with ``lora`` (the sft/dpo stage's own section) only low-rank adapters train. With ``baseline`` (a file
+    name) the workers first evaluate the starting model and write ``base_eval_*`` there (the validation
+    curve's step 0), in the same processes as training. See the module docstring."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -153,6 +155,7 @@ def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext,
         "checkpoint": cfg.checkpoint, "eval": cfg.eval, "log_every": cfg.log_every, "health": cfg.health,
         "out_dir": str(out), "tracker_spec": ctx.tracker.spec(), "progress": ctx.progress, "hooks": hooks,
         "peak_flops": _peak_flops(sc), "heartbeats": heartbeats, "lora": lora, "lora_base": lora_base,
+        "baseline": baseline,
     }
     resources = {"CPU": sc.cpus_per_worker} | ({"GPU": 1} if sc.use_gpu else {}) | sc.resources
     trainer = TorchTrainer(

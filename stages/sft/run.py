@@ -5,9 +5,10 @@
    deterministic).
 2. **data** (``stages/sft/prepare.py``): read and quarantine records, split train/val, tokenize with the
    loss mask, apply the length policy, pack; marker ``data/prepared.json``.
-3. **baseline**: the starting model's held-out loss on exactly the batches the trainer validates on
-   (a Ray task, on a GPU when training uses GPUs); marker ``base_eval.json``; logged as
-   ``base_eval_loss`` (and ``eval_loss`` at step 0, so the validation curve starts at the base model).
+3. **baseline**: the starting model's held-out loss on exactly the batches the trainer validates on,
+   measured by the training workers before their first step (no process of its own); marker
+   ``base_eval.json``; logged as ``base_eval_loss`` and as ``eval_loss`` at step 0 (the validation curve
+   starts at the base model).
 4. **train**: ``stages.lm.trainer.fit`` (checkpoints under ``checkpoints/``, resumed from the newest
    complete one; ``metrics.jsonl``; ``model/`` exported with ``tokenizer/``).
 5. **finalize**: ``stats.json`` (written last: the stage is done) with the data counts, the baseline and
@@ -25,9 +26,11 @@ from pipeline.stage import StageContext
 from stages.lm.lora_config import check_lora_model
 from stages.sft.config import SFTConfig
 from stages.sft.prepare import DataSpec, prepare
-from stages.sft.task import SFTTask, heldout_loss
+from stages.sft.task import SFTTask
 from stages.sft.tokenizer import prepare_tokenizer
 from stages.tokenize.config import EOT, PAD
+
+BASELINE = "base_eval.json"
 
 
 def _sources(config: SFTConfig, ctx: StageContext) -> tuple[str, str]:
@@ -103,21 +106,9 @@ def _check_rows(config: SFTConfig, summary: dict[str, Any]) -> None:
                             "that validate: set stages.sft.val or raise stages.sft.val_fraction")
 
 
-def _baseline(task: SFTTask, config: SFTConfig, ctx: StageContext) -> float:
-    marker = ctx.path("base_eval.json")
-    done = storage.read_json_or(marker, None)
-    if done is not None:
-        return float(done["base_eval_loss"])
-    ctx.progress.update(step="baseline", force=True)
-    ctx.init_ray()
-    import ray
-
-    sc = config.scaling
-    remote = ray.remote(num_cpus=sc.cpus_per_worker, num_gpus=1 if sc.use_gpu else 0)(heldout_loss)
-    loss = ray.get(remote.remote(task, sc.max_workers, config.train.micro_batch, config.eval.batches,
-                                 sc.use_gpu))
-    storage.write_json(marker, {"base_eval_loss": loss})
-    ctx.tracker.log_metrics({"base_eval_loss": loss, "eval_loss": loss}, step=0)
+def _baseline(ctx: StageContext) -> float:
+    """The starting model's held-out loss, measured by the training workers before their first step."""
+    loss = float(storage.read_json(ctx.path(BASELINE))["base_eval_loss"])
     ctx.logger.info("sft: held-out loss of the starting model: %.4f", loss)
     return loss
 
@@ -135,8 +126,8 @@ def run(config: SFTConfig, ctx: StageContext) -> dict[str, Any]:
     _check_rows(config, summary)
     task = SFTTask(model_dir=model_dir, tokenizer_dir=tok_dir, data_dir=ctx.path("data"),
                    max_len=config.max_len, packing=config.packing, pad_id=_pad_id(tok_json))
-    base = _baseline(task, config, ctx)
-    result = fit(task, config, ctx, lora=config.lora)
+    result = fit(task, config, ctx, lora=config.lora, baseline=BASELINE)
+    base = _baseline(ctx)
     final = result.metrics.get("eval_loss")
     stats = {"data": summary, "steps": result.steps, "base_eval_loss": base, "eval_loss": final,
              "model_dir": result.model_dir, "io": result.io, **lora_stats(config.lora, result)}

@@ -63,19 +63,3 @@ class SFTTask(TrainTask):
         """Mean cross-entropy over the trained (assistant) tokens of the micro-batch."""
         out = model(**batch, return_logits=False)
         return out.loss, {}
-
-
-def heldout_loss(task: SFTTask, world_size: int, micro_batch: int, limit: int,
-                 use_gpu: bool = False) -> float:
-    """The loss the trainer's validation reports (mean over every rank's batches of the per-batch mean
-    loss), computed for the task's starting model: the baseline the fine-tuned model must beat."""
-    import torch
-
-    device = torch.device("cuda" if use_gpu else "cpu")
-    model = task.build_model().to(device, dtype=torch.bfloat16 if use_gpu else torch.float32).eval()
-    losses = []
-    with torch.no_grad():
-        for rank in range(world_size):
-            for batch in task.val_batches(rank, world_size, micro_batch, limit):
-                losses.append(float(task.loss(model, {k: v.to(device) for k, v in batch.items()})[0]))
-    return float(np.mean(losses))

@@ -102,3 +102,43 @@ def test_verbose_shows_everything_on_the_console_too(tmp_path):
         assert noise in (logs / "noisy.log").read_text()
     assert "noisy: doing the work" in res.stderr
     assert res.stderr.count("noisy: doing the work") == 1
+
+
+def test_logs_of_an_object_store_run_are_uploaded_per_stage_and_go_on_when_resumed(tmp_path, monkeypatch):
+    import io
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from pipeline import storage
+    from pipeline.run_logs import Router
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}"}.items():
+            monkeypatch.setenv(k, v)
+        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="runs")
+        run_dir = "s3://runs/w/demo"
+        console = io.StringIO()
+        router = Router(console, verbose=False)
+        router.write("before the run directory is known\n")
+        router.stage_started(run_dir, "tokenize")
+        router.write("\x1b[36m(RayTrainWorker pid=7)\x1b[0m noise\n")
+        router.say("tokenize: step 1/2\n")
+        router.stage_ended(run_dir, "tokenize")
+        assert storage.read_text(f"{run_dir}/logs/tokenize.log") == (
+            "(RayTrainWorker pid=7) noise\ntokenize: step 1/2\n")
+        router.close()
+        assert storage.read_text(f"{run_dir}/logs/driver.log") == "before the run directory is known\n"
+        assert console.getvalue() == "tokenize: step 1/2\n"  # not a terminal: no colour, no noise
+
+        again = Router(io.StringIO(), verbose=False)  # a resumed run appends to the same logs
+        again.stage_started(run_dir, "tokenize")
+        again.write("second attempt\n")
+        again.close()
+        assert storage.read_text(f"{run_dir}/logs/tokenize.log").endswith("step 1/2\nsecond attempt\n")
+    finally:
+        server.stop()
