@@ -78,6 +78,7 @@ class Router:
         self.runs: dict[str, _Log] = {}  # run dir -> driver.log
         self.stages: dict[tuple[str, str], _Log] = {}  # (run dir, stage) -> <stage>.log
         self.early: list[str] = []  # lines before any run directory is known
+        self.drain = lambda: None  # set by capture(): wait until the pipe holds nothing written so far
 
     def _to_console(self, text: str) -> None:
         self.console.write(text if self.colour else strip_ansi(text))
@@ -107,6 +108,7 @@ class Router:
                 log.write(strip_ansi(text))
 
     def open_run(self, run_dir: str) -> None:
+        self.drain()
         with self.lock:
             if run_dir not in self.runs:
                 self.runs[run_dir] = log = _Log(run_dir, DRIVER)
@@ -115,11 +117,12 @@ class Router:
                 self.early.clear()
 
     def stage_started(self, run_dir: str, name: str) -> None:
-        self.open_run(run_dir)
+        self.open_run(run_dir)  # drains the pipe: what was written before the stage is not its output
         with self.lock:
             self.stages[(run_dir, name)] = _Log(run_dir, name)
 
     def stage_ended(self, run_dir: str, name: str) -> None:
+        self.drain()
         with self.lock:
             log = self.stages.pop((run_dir, name), None)
         if log is not None:
@@ -160,32 +163,56 @@ def console() -> IO[str]:
     return _router.console if _router is not None else sys.stderr
 
 
-def _pump(fd: int, router: Router) -> None:
-    """Read the pipe that stdout and stderr write into, a line at a time, into the router."""
-    pending = b""
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:
-            return
-        if not chunk:
-            if pending:
-                router.write(pending.decode("utf-8", "replace"))
-            return
-        *lines, pending = (pending + chunk).split(b"\n")
-        for line in lines:
-            router.write(line.decode("utf-8", "replace") + "\n")
+class _Pipe:
+    """The pipe stdout and stderr write into, read a line at a time into the router by a daemon thread
+    (Ray's child processes keep it open, and their last lines may come after the capture ends)."""
+
+    BARRIER = b"\x00seedline-drained\n"
+
+    def __init__(self, router: Router):
+        self.router = router
+        self.read_fd, self.write_fd = os.pipe()
+        self.drained = threading.Event()
+        threading.Thread(target=self._pump, name="seedline-logs", daemon=True).start()
+
+    def drain(self, timeout: float = 5.0) -> None:
+        """Return once everything written to the pipe before this call is routed (a marker line through
+        it), so output lands in the log of the stage that was running when it was written."""
+        self.drained.clear()
+        os.write(self.write_fd, self.BARRIER)
+        self.drained.wait(timeout)
+
+    def _pump(self) -> None:
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(self.read_fd, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                if line + b"\n" == self.BARRIER:
+                    self.drained.set()
+                elif b"\x00seedline-drained" in line:  # the marker after a partial line without a newline
+                    self.router.write(line.replace(b"\x00seedline-drained", b"").decode("utf-8", "replace")
+                                      + "\n")
+                    self.drained.set()
+                else:
+                    self.router.write(line.decode("utf-8", "replace") + "\n")
 
 
-class _ConsoleHandler(logging.Handler):
-    """Seedline's own log records, as the console shows them."""
+class _SeedlineHandler(logging.Handler):
+    """Seedline's own log records: to the console and the current log, at once (not through the pipe, so
+    a stage's first line is in its own log)."""
 
     def __init__(self, router: Router):
         super().__init__(logging.INFO)
         self.router = router
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.router._to_console(self.format(record) + "\n")
+        self.router.say(self.format(record) + "\n")
 
 
 @contextlib.contextmanager
@@ -200,17 +227,15 @@ def capture(verbose: bool = False) -> Iterator[Router]:
     console = RedactingStream(open(os.dup(saved[2]), "w", buffering=1, encoding="utf-8",  # noqa: SIM115
                                    errors="replace"))
     router = Router(console, verbose)
-    read_fd, write_fd = os.pipe()
+    pipe = _Pipe(router)
+    router.drain = pipe.drain
     for fd in (1, 2):
-        os.dup2(write_fd, fd)
-    os.close(write_fd)
-    # a daemon: Ray's child processes keep the pipe open, and their last lines may come after the block
-    threading.Thread(target=_pump, args=(read_fd, router), name="seedline-logs", daemon=True).start()
-    handler = _ConsoleHandler(router)
+        os.dup2(pipe.write_fd, fd)
+    handler = _SeedlineHandler(router)
     handler.setFormatter(logging.Formatter("%(message)s"))
     seedline = logging.getLogger("seedline")
-    if not verbose:  # verbose: Seedline's lines reach the console through the pipe with everything else
-        seedline.addHandler(handler)
+    seedline.addHandler(handler)
+    propagate, seedline.propagate = seedline.propagate, False
     _router = router
     try:
         yield router
@@ -218,6 +243,7 @@ def capture(verbose: bool = False) -> Iterator[Router]:
         for s in (sys.stdout, sys.stderr):
             s.flush()
         seedline.removeHandler(handler)
+        seedline.propagate = propagate
         for fd, dup in saved.items():
             os.dup2(dup, fd)
             os.close(dup)
