@@ -372,5 +372,8 @@ def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
     ctx.tracker.log_dict(results, "evaluate/results.json")
     storage.write_json(ctx.path("results.json"), results)  # the completion marker, last
     ctx.progress.update(step="done", done=len(stages), total=len(stages), unit="models", force=True)
-    ctx.logger.info("evaluate: %s", json.dumps(models, sort_keys=True))
+    for name, metrics in models.items():  # one readable line per model; every digit is in results.json
+        line = ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                         for k, v in sorted(metrics.items()))
+        ctx.logger.info("evaluate: %s: %s", name, line)
     return results
