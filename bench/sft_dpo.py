@@ -124,7 +124,10 @@ def trl_stage(kind: str, inputs: dict[str, str], root: Path, args) -> dict[str, 
                   per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1,
                   learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=WARMUP, weight_decay=0.0,
                   logging_steps=10**6, save_strategy="no", report_to="none", use_cpu=True,
-                  dataloader_num_workers=0, max_length=args.max_len, seed=0, disable_tqdm=True)
+                  dataloader_num_workers=0, max_length=args.max_len, seed=0, disable_tqdm=True,
+                  # like Seedline on CPU: fp32, no activation checkpointing (TRL defaults to bf16 and to
+                  # gradient checkpointing)
+                  bf16=False, gradient_checkpointing=False)
     rows = [json.loads(line) for line in Path(inputs[kind]).read_text().splitlines() if line.strip()]
     if kind == "sft":
         from trl import SFTConfig, SFTTrainer
