@@ -172,6 +172,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--stages", default="sft,dpo", help="which to compare (comma-separated)")
     args = ap.parse_args()
     from bench.lora import make_inputs
     from pipeline.ray_init import init_ray
@@ -187,14 +188,15 @@ def main() -> None:
         init_ray(None, max(2, args.workers))
         ray_start = time.perf_counter() - t0
         results = {}
-        for kind in ("sft", "dpo"):
+        kinds = [k for k in ("sft", "dpo") if k in args.stages.split(",")]
+        for kind in kinds:
             results[(kind, "trl")] = trl_stage(kind, inputs, root, args)
             results[(kind, "seedline")] = seedline_stage(kind, inputs, root, args)
     print(f"model: dim {args.dim}, {args.layers} layers, vocab 2048; {args.steps} steps, micro-batch "
           f"{args.micro_batch}, max length {args.max_len}, fp32 CPU, {args.workers} core(s): Seedline "
           f"{args.workers} worker(s), TRL {args.workers} thread(s); data: the demo's real pairs")
     print(f"Seedline's Ray start (once per pipeline run, not in the walls below): {ray_start:.1f}s")
-    for kind in ("sft", "dpo"):
+    for kind in kinds:
         for system in ("seedline", "trl"):
             r = results[(kind, system)]
             print(f"{kind} {system:>8}: wall {r['wall']:6.1f}s, train {r['train']:6.1f}s, "
