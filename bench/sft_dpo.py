@@ -7,10 +7,10 @@ Same base model (random weights, ``--dim``/``--layers``, a 2048-token BPE traine
 same real data (the demo's instruction and preference pairs, made from the standard library's pydoc
 pages), same max length, micro-batch, steps, learning rate and schedule (warmup 3, cosine), fp32 on CPU,
 the same number of cores: Seedline trains on ``--workers`` Ray Train workers (1 thread each), TRL in this
-process with ``--workers`` torch threads. sft packs examples into rows of ``--max-len`` tokens in both
-(TRL: ``packing=True``, loss on the completion); dpo is the sigmoid loss, beta 0.1, with the reference's
-log-probabilities computed before training in both (TRL: ``precompute_ref_log_probs``), each batch padded
-to its longest sequence.
+process with ``--workers`` torch threads and the same global batch (micro-batch x workers). sft packs
+examples into rows of ``--max-len`` tokens in both (TRL: ``packing=True``, loss on the completion); dpo
+is the sigmoid loss, beta 0.1, with the reference's log-probabilities computed before training in both
+(TRL: ``precompute_ref_log_probs``), each batch padded to its longest sequence.
 
 Printed per system and stage:
 - wall: the whole run. Seedline: the stage's ``run()`` (data preparation, baseline evaluation, reference
@@ -121,7 +121,8 @@ def trl_stage(kind: str, inputs: dict[str, str], root: Path, args) -> dict[str, 
     tok = AutoTokenizer.from_pretrained(inputs["base"])
     model = LlamaForCausalLM.from_pretrained(inputs["base"], dtype=torch.float32)
     common = dict(output_dir=str(root / f"trl-{kind}"), max_steps=args.steps,
-                  per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1,
+                  # the same global batch: Seedline's workers x micro-batch
+                  per_device_train_batch_size=args.micro_batch * args.workers, gradient_accumulation_steps=1,
                   learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=WARMUP, weight_decay=0.0,
                   logging_steps=10**6, save_strategy="no", report_to="none", use_cpu=True,
                   dataloader_num_workers=0, max_length=args.max_len, seed=0, disable_tqdm=True,
