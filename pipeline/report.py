@@ -29,6 +29,7 @@ th{background:#f5f5f5}td:first-child,th:first-child{text-align:left}.best{font-w
 .charts img{max-width:48%;margin:.3em}.failed{color:#b00}.succeeded{color:#070}.muted{color:#777}
 .verdict td:nth-child(2),.verdict td:nth-child(6),.verdict th:nth-child(2),.verdict th:nth-child(6){
 text-align:left}
+pre.gen{white-space:pre-wrap;text-align:left;font-size:.85em;margin:0;max-width:26em}
 """
 TRAINING_CURVES = (("loss", "loss"), ("eval_loss", "eval_loss"))
 

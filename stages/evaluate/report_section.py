@@ -53,4 +53,27 @@ def section(instance: str, d: str, dirs: dict[str, str] | None = None) -> str:
         + _table(["metric", *stages], rows)
         + note
         + f'<div class="charts">{charts}</div>'
+        + _generations(d, stages)
     )
+
+
+def _generations(d: str, stages: list[str], prompts: int = 4, chars: int = 240) -> str:
+    """The first ``prompts`` prompts of ``generations.jsonl`` with every model's greedy answer beside."""
+    import json
+
+    path = storage.join(d, "generations.jsonl")
+    if not storage.exists(path):
+        return ""
+    by_prompt: dict[int, dict] = {}
+    for line in storage.read_text(path).splitlines():
+        if line.strip():
+            g = json.loads(line)
+            by_prompt.setdefault(g["index"], {"prompt": g["prompt"]})[g["model"]] = g["generation"]
+    rows = []
+    for _, gens in sorted(by_prompt.items())[:prompts]:
+        cells = [gens.get(s) for s in stages]
+        shown = [c if c is None or len(c) <= chars else c[:chars] + " …" for c in cells]
+        rows.append([_e(gens["prompt"])]
+                    + [f'<pre class="gen">{_e(c)}</pre>' if c is not None else "–" for c in shown])
+    return ("<h3>Generations (greedy, side by side)</h3>" + _table(["prompt", *stages], rows)
+            + f'<p class="muted">{len(by_prompt)} prompts in generations.jsonl.</p>')

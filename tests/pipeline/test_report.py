@@ -90,6 +90,9 @@ def _run_dir(tmp_path: Path) -> Path:
             },
         },
     )
+    gens = [{"model": m, "index": i, "prompt": f"What does `f{i}` do?", "generation": f"{m} answer {i}<x>"}
+            for i in range(6) for m in ("pretrain", "sft", "dpo")]
+    (run / "evaluate-fff" / "generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gens))
     return run
 
 
@@ -120,6 +123,11 @@ def test_report_has_stages_data_curves_and_evaluation(tmp_path):
     assert "<th>metric</th><th>pretrain</th><th>sft</th><th>dpo</th>" in page
     assert '<span class="best">35.2500</span>' in page and '<span class="best">0.7500</span>' in page
     assert "models:/seedline-lm@candidate" in page
+    # generations: the first prompts, each model's answer side by side (escaped), the count of all
+    gens = page[page.index("Generations (greedy"):]
+    assert "<th>prompt</th><th>pretrain</th><th>sft</th><th>dpo</th>" in gens
+    assert gens.count("What does `f") == 4 and '<pre class="gen">sft answer 3&lt;x&gt;</pre>' in gens
+    assert "6 prompts in generations.jsonl" in gens
 
 
 def test_report_needs_the_run_json_that_names_the_stages(tmp_path):
