@@ -1,7 +1,8 @@
 """The one rule for keeping credentials out of everything Seedline writes or prints.
 
-Applied to ``run.json``, each stage's ``config.json``, ``status.json`` and ``error.txt``, to MLflow params
-and tags, and to everything the CLI prints (stderr, ``seedline status``). Two things are secrets:
+Applied to ``run.json``, each stage's ``config.json``, ``status.json``, ``error.txt`` and ``logs/``, to
+MLflow params and tags, and to everything the CLI prints (stderr, ``seedline status``). Two things are
+secrets:
 
 - the value of a key that looks like a secret: one whose words (split at ``_``, ``-``, ``.`` and case
   changes) include ``password``, ``passwd``, ``secret``, ``token``, ``credential(s)``, ``apikey``, or the
@@ -41,6 +42,8 @@ def is_secret_key(key: str) -> bool:
 
 def _mask_userinfo(m: re.Match) -> str:
     info = m.group("info")
+    if ":" in info:
+        remember_secret(info.split(":", 1)[1])
     return f"{m.group('scheme')}{MASK}:{MASK}@" if ":" in info else f"{m.group('scheme')}{MASK}@"
 
 
@@ -56,10 +59,26 @@ def _mask_pair(m: re.Match) -> str:
     return f"{m.group('key')}{MASK}"
 
 
+# Secret values seen by redact_value in this process (a config's api_token, say): masked wherever they
+# appear later, even alone (a worker printing the bare token to a log). Short values are left out: they
+# would mask ordinary words.
+_KNOWN: set[str] = set()
+_MIN_KNOWN = 6
+
+
+def remember_secret(value: str) -> None:
+    """Mask ``value`` in every text redacted from now on in this process."""
+    if len(value) >= _MIN_KNOWN and value != MASK:
+        _KNOWN.add(value)
+
+
 def redact_text(text: str) -> str:
-    """``text`` with URL credentials and secret-looking ``key=value`` pairs masked."""
+    """``text`` with URL credentials, secret-looking ``key=value`` pairs and known secret values masked."""
     if not text:
         return text
+    for value in _KNOWN:
+        if value in text:
+            text = text.replace(value, MASK)
     text = _USERINFO.sub(_mask_userinfo, text)
     text = _QUERY.sub(_mask_query, text)
     return _PAIR.sub(_mask_pair, text)
@@ -68,6 +87,8 @@ def redact_text(text: str) -> str:
 def redact_value(key: str, value: Any) -> Any:
     """One value stored under ``key``: masked whole when the key looks like a secret (and it is set)."""
     if is_secret_key(key) and value not in (None, "", [], {}) and not isinstance(value, bool):
+        if isinstance(value, str):
+            remember_secret(value)
         return MASK
     return redact_obj(value)
 

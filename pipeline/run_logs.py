@@ -7,9 +7,10 @@ through a pipe to this module, which writes each line to the log of the stage th
 output (training workers on any node, Ray Data tasks) is routed the same way, with its ``(actor pid=..)``
 prefix; lines a worker marks as Seedline's own (``MARK``, e.g. the training step lines) are also shown on
 the console without it. The console gets Seedline's messages (the ``seedline`` logger), the progress bars
-and the end-of-run summary; ``verbose`` shows everything there too. Log files never hold ANSI codes; the
-console gets them only when it is a terminal. With an object-store run directory the logs are written
-locally and uploaded when each stage ends and when the run ends.
+and the end-of-run summary; ``verbose`` shows everything there too. Log files never hold credentials
+(``pipeline.redact``) nor ANSI codes; the console gets ANSI codes only when it is a terminal.
+With an object-store run directory the logs are written locally and uploaded when each stage ends and
+when the run ends.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ class _Log:
         self.file: IO[str] = open(local, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 (closed by close())
 
     def write(self, line: str) -> None:
-        self.file.write(line)
+        from pipeline.redact import redact_text
+
+        self.file.write(redact_text(line))  # a worker's traceback may quote a URL with credentials
         self.file.flush()
 
     def sync(self) -> None:

@@ -77,3 +77,10 @@ def test_redaction_rule():
                                 "db": {"password": "***", "url": "mysql://***:***@h/db"}, "token": None}
     assert holds_mask(redact_obj(data)) == "db.password"
     assert holds_mask({"stages": {"a": {"n": 1}}}) is None
+
+
+def test_a_secret_seen_once_is_masked_wherever_it_appears_later():
+    redact_obj({"api_token": "tok-7f3a9c1e", "source": "https://bob:hunter2-long@h/x"})
+    # a worker printing the bare values to a log: no key, no URL around them
+    assert redact_text("using tok-7f3a9c1e and hunter2-long now") == "using *** and *** now"
+    assert redact_text("a short one: x") == "a short one: x"
