@@ -102,8 +102,11 @@ def _param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def _engine(lc: dict[str, Any], env: WorkerEnv):
-    import deepspeed
     import torch
+
+    from stages.lm.ds_import import import_deepspeed
+
+    deepspeed = import_deepspeed()
 
     train, spec, scaling = lc["train"], lc["deepspeed"], lc["scaling"]
     deepspeed.init_distributed(dist_backend="nccl" if scaling.use_gpu else "gloo")

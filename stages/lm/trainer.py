@@ -24,9 +24,11 @@ bytes moved to and from the object store.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,6 +121,29 @@ def _peak_flops(scaling) -> float | None:
     return None
 
 
+# Ray Train V2 settings, read from the driver's environment when a run starts and passed on to its
+# controller and workers (unless the user set them). The controller polls the workers every 2 s by
+# default: each run then ends up to 2 s after its workers did, and a failure is seen that late. An
+# elastic group asks for its maximum size first; right after a node is lost Ray may still count the dead
+# node, and the start then waits the whole start timeout (60 s) before it is retried with the workers
+# that exist: 20 s is ample for actors on running nodes (retries are unlimited).
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+RAY_TRAIN_ELASTIC_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
+
+
+@contextlib.contextmanager
+def ray_train_env(elastic: bool) -> Iterator[None]:
+    """Seedline's defaults for Ray Train's settings (``RAY_TRAIN_ENV``) while a run starts."""
+    wanted = RAY_TRAIN_ENV | (RAY_TRAIN_ELASTIC_ENV if elastic else {})
+    added = {k: v for k, v in wanted.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext,
         lora: LoraSpec | None = None, baseline: str | None = None) -> FitResult:
     """Train ``task`` with the stage's training sections, resuming from ``<ctx.out_dir>/checkpoints``;
@@ -173,7 +198,8 @@ def fit(task: TrainTask, cfg: TrainingStageConfig, ctx: StageContext,
                     cfg.deepspeed.zero_stage)
     watch = StallWatch(heartbeats, cfg.health, ctx.name, ctx.tracker, ctx.logger)
     try:
-        trainer.fit()
+        with ray_train_env(elastic=sc.min_workers != sc.max_workers):
+            trainer.fit()
     except Exception as e:
         raise SeedlineError(f"{ctx.name}: training failed: {e}") from e
     finally:
