@@ -221,15 +221,26 @@ def test_the_core_imports_no_stage_and_no_cluster_module():
 
 class SlowConfig(StrictModel):
     lr: float = 1.0
+    together: str | None = None  # a directory: wait there until 2 runs of this stage have started
 
 
 def slow_train_run(config: SlowConfig, ctx) -> None:
-    """A training stand-in that takes a second (so two variants can overlap) and logs a loss curve."""
+    """A training stand-in that logs a loss curve; with ``together`` it first waits until two of its runs
+    are under way (a barrier, not a sleep: variants that run one after the other fail it, whatever the
+    machine's load)."""
     import time
 
     CALLS.append(ctx.name)
     data = int((Path(ctx.input("data").path) / "shards.txt").read_text())
-    time.sleep(1.0)
+    if config.together:
+        here = Path(config.together)
+        here.mkdir(parents=True, exist_ok=True)
+        (here / f"{config.lr}").touch()
+        deadline = time.monotonic() + 120
+        while len(list(here.iterdir())) < 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the other variant did not start while this one ran")
+            time.sleep(0.05)
     lines = [json.dumps({"step": s, "loss": data / (s * config.lr), "tokens": 100 * s}) for s in (1, 2, 3)]
     (Path(ctx.out_dir) / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
@@ -247,7 +258,7 @@ def test_a_sweep_runs_the_shared_stages_once_and_the_variants_at_the_same_time(t
     conf = tmp_path / "sweep.yaml"
     conf.write_text(yaml.safe_dump({
         "name": "sw", "workdir": str(tmp_path / "w"),
-        "stages": {"x_src": {}, "x_tok": {}, "train": {"type": "x_slow"}},
+        "stages": {"x_src": {}, "x_tok": {}, "train": {"type": "x_slow", "together": str(tmp_path / "both")}},
         "sweep": {"stages.train.lr": [1.0, 2.0]}}))
     out = subprocess.run([sys.executable, "-m", "pipeline", "run", str(conf), "--max-parallel", "2"],
                          cwd=REPO, capture_output=True, text=True, env=ENV, timeout=300)
@@ -262,8 +273,9 @@ def test_a_sweep_runs_the_shared_stages_once_and_the_variants_at_the_same_time(t
         assert out.stderr.count(f"{shared}: running in {shared}-") == 1
     train = [_status(str(r.parent / a["stages"]["train"])) for r in runs[:1]]
     train.append(_status(str(runs[1].parent / b["stages"]["train"])))
-    # The two variants' training overlapped in time.
+    # The two variants' training overlapped in time (each waited for the other to start).
     assert train[0]["started"] < train[1]["finished"] and train[1]["started"] < train[0]["finished"]
+    assert sorted(p.name for p in (tmp_path / "both").iterdir()) == ["1.0", "2.0"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("sw").experiment_id
     parents = client.search_runs([exp], "tags.seedline.sweep = 'sw'")
