@@ -192,6 +192,9 @@ class Runner:
         try:
             if force:
                 self._clear(sdir)
+            elif read_status(sdir)["state"] == "succeeded":
+                # another driver ran it between the check above and our lease: it must not run twice
+                return "waited"
             return self._execute(node, sdir, lease)
         finally:
             lease.release()
