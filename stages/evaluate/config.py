@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from pipeline.errors import ConfigError
 from pipeline.preflight import EVAL_DATA, FILE
-from pipeline.stage import StrictModel, volatile
+from pipeline.stage import StrictModel, added, volatile
 
 MODEL_STAGES = ("pretrain", "sft", "dpo")  # the stages whose <out>/model/ is evaluated, in pipeline order
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -89,6 +89,10 @@ class EvaluateConfig(StrictModel):
         description="held-out preference accuracy on the dpo stage's val pairs (auto: when it has them)",
     )
     preference_limit: int | None = Field(None, ge=1, description="score only the first pairs")
+    answer_loss: bool | Literal["auto"] = added(
+        "auto", description="held-out instruction answer loss of every model on the sft stage's val "
+                            "split (auto: when the pipeline has an sft stage)")
+    answer_limit: int | None = added(None, ge=1, description="score only the first held-out examples")
     registry: RegistryConfig = RegistryConfig()
     scaling: EvalScaling = EvalScaling()
     batch_size: int = Field(8, ge=1, description="sequences per forward pass (and rows per perplexity batch)")
@@ -103,10 +107,13 @@ class EvaluateConfig(StrictModel):
             raise ValueError("models must name at least one stage instance")
         return self
 
-    def metric_names(self, has_pairs: bool = True) -> list[str]:
-        """Metrics this configuration can produce, with or without a dpo stage's held-out pairs (a model
-        gets a subset: pref_accuracy and pref_margin are the dpo model's)."""
+    def metric_names(self, has_pairs: bool = True, has_answers: bool = True) -> list[str]:
+        """Metrics this configuration can produce, with or without a dpo stage's held-out pairs and an sft
+        stage's held-out examples (a model gets a subset: pref_accuracy and pref_margin are the dpo
+        model's)."""
         out = ["loss", "perplexity", "bits_per_byte"] if self.perplexity.enabled else []
+        if self.answer_loss is not False and has_answers:
+            out.append("answer_loss")
         for t in self.tasks:
             out += [f"{t.name}/acc", f"{t.name}/acc_norm"]
         if self.preference is not False and has_pairs:
@@ -115,8 +122,8 @@ class EvaluateConfig(StrictModel):
 
 
 def check(config: BaseModel, bound: dict[str, list[str]]) -> None:
-    """Cross-stage rules: at least one model to evaluate; held-out pairs when preference is forced; a
-    registry metric this pipeline computes."""
+    """Cross-stage rules: at least one model to evaluate; held-out pairs (examples) when preference
+    (answer loss) is forced; a registry metric this pipeline computes."""
     if not bound.get("models"):
         raise ConfigError(
             "stages.evaluate", f"needs a model: add a stage that outputs one ({', '.join(MODEL_STAGES)})"
@@ -129,11 +136,14 @@ def check(config: BaseModel, bound: dict[str, list[str]]) -> None:
     has_pairs = bool(bound.get("pairs"))
     if config.preference is True and not has_pairs:
         raise ConfigError("stages.evaluate.preference", "true needs a dpo stage (its val pairs); use auto")
+    has_answers = bool(bound.get("answers"))
+    if config.answer_loss is True and not has_answers:
+        raise ConfigError("stages.evaluate.answer_loss", "true needs an sft stage (its val split); use auto")
     registry = config.registry
-    computed = config.metric_names(has_pairs)
+    computed = config.metric_names(has_pairs, has_answers)
     if registry.enabled and registry.metric is not None and registry.metric not in computed:
         raise ConfigError(
             "stages.evaluate.registry.metric",
             f"{registry.metric!r} is not computed by this pipeline; choose one of "
-            f"{', '.join(config.metric_names(has_pairs))}",
+            f"{', '.join(computed)}",
         )

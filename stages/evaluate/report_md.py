@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte")
+LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte", "answer_loss")
 
 
 def lower_is_better(metric: str) -> bool:

@@ -2,9 +2,10 @@
 
 Steps, each resumable:
 
-1. inputs (driver): the tokenizer, multiple-choice tasks, prompts and the dpo stage's held-out pairs are
-   read and tokenized once; bad records are quarantined in ``rejects/<task>.jsonl`` with the reason;
-2. one Ray task per model (GPU when configured) scores perplexity, choices, pairs and generates; each
+1. inputs (driver): the tokenizer, multiple-choice tasks, prompts, the dpo stage's held-out pairs and the
+   sft stage's held-out examples are read and tokenized once; bad records are quarantined in
+   ``rejects/<task>.jsonl`` with the reason;
+2. one Ray task per model (GPU when configured) scores perplexity, answers, choices, pairs and generates; each
    finished model is saved as ``models/<stage>.json`` (a marker: a rerun skips it);
 3. metrics per model, the comparison table ``results.md``, ``generations.jsonl``, charts ``charts/*.png``,
    all logged to MLflow (metrics named ``<stage>/<metric>``);
@@ -24,7 +25,7 @@ from typing import Any
 from pipeline import storage
 from pipeline.errors import SeedlineError
 from pipeline.stage import Output, StageContext
-from stages.evaluate import charts, generate, multiple_choice, preference
+from stages.evaluate import answers, charts, generate, multiple_choice, preference
 from stages.evaluate.config import EvaluateConfig
 from stages.evaluate.lineage import decontamination, lineage_tags
 from stages.evaluate.records import write_rejects
@@ -38,6 +39,7 @@ class Inputs:
     tasks: list[tuple[Any, list[multiple_choice.Example]]]
     prompts: list[str]
     pairs: int
+    answers: int
     rejects: dict[str, int]
 
 
@@ -91,7 +93,10 @@ def prepare_inputs(config: EvaluateConfig, ctx: StageContext) -> Inputs:
             ]
     if _use_preference(config, ctx):
         shared.pref_requests = preference.load_requests(ctx.input("pairs").path, config.preference_limit)
-    return Inputs(shared, tasks, prompts, len(shared.pref_requests) // 2, rejects)
+    if _use_answers(config, ctx):
+        shared.answer_requests = answers.load_requests(ctx.input("answers").path, config.answer_limit)
+    pairs, examples = len(shared.pref_requests) // 2, len(shared.answer_requests)
+    return Inputs(shared, tasks, prompts, pairs, examples, rejects)
 
 
 def _use_preference(config: EvaluateConfig, ctx: StageContext) -> bool:
@@ -104,6 +109,19 @@ def _use_preference(config: EvaluateConfig, ctx: StageContext) -> bool:
     if config.preference is True:
         raise SeedlineError(f"evaluate: preference is true but the dpo stage has no held-out pairs at {path}")
     ctx.logger.warning("evaluate: no held-out pairs at %s; preference accuracy skipped", path)
+    return False
+
+
+def _use_answers(config: EvaluateConfig, ctx: StageContext) -> bool:
+    val = ctx.input("answers")
+    if config.answer_loss is False or val is None:
+        return False
+    if storage.exists(val.path):
+        return True
+    if config.answer_loss is True:
+        raise SeedlineError(
+            f"evaluate: answer_loss is true but the sft stage has no held-out split at {val.path}")
+    ctx.logger.warning("evaluate: no held-out sft examples at %s; answer loss skipped", val.path)
     return False
 
 
@@ -185,6 +203,8 @@ def model_metrics(
             k += n
         if inputs.pairs:
             m.update(preference.logp_accuracy(res["pref_logprobs"]))
+        if inputs.answers:
+            m.update(answers.answer_metrics(res["answer_scores"]))
         out[stage] = m
     pairs = ctx.input("pairs")
     dpo = pairs.instance if pairs is not None else None
@@ -354,6 +374,7 @@ def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
             "tasks": {t.name: len(ex[: t.limit] if t.limit else ex) for t, ex in inputs.tasks},
             "prompts": len(inputs.prompts),
             "preference_pairs": inputs.pairs,
+            "answer_examples": inputs.answers,
             "perplexity": raw[stages[0]]["counts"].get("perplexity"),
         },
         "baselines": baselines([(t.name, ex[: t.limit] if t.limit else ex) for t, ex in inputs.tasks],

@@ -26,6 +26,7 @@ class SharedInputs:
     mc_requests: list[tuple[list[int], list[int]]] = field(default_factory=list)
     mc_requests_chat: list[tuple[list[int], list[int]]] = field(default_factory=list)  # chat models'
     pref_requests: list[tuple[list[int], list[bool]]] = field(default_factory=list)
+    answer_requests: list[tuple[list[int], list[bool]]] = field(default_factory=list)  # sft's val examples
     prompts_raw: list[list[int]] = field(default_factory=list)
     prompts_chat: list[list[int]] = field(default_factory=list)
     stops: list[int] = field(default_factory=list)
@@ -61,8 +62,8 @@ def _local_val_split(tokenize_dir: str, tmp: Path) -> Path:
 
 
 def evaluate_model(job: ModelJob, shared: SharedInputs) -> dict[str, Any]:
-    """Perplexity metrics, log-probabilities of the multiple-choice and preference requests, and the
-    greedy generations' token ids of one model."""
+    """Perplexity metrics, log-probabilities of the multiple-choice, preference and held-out answer
+    requests, and the greedy generations' token ids of one model."""
     import torch
 
     from stages.evaluate.generate import generate_all
@@ -95,6 +96,10 @@ def evaluate_model(job: ModelJob, shared: SharedInputs) -> dict[str, Any]:
     out["mc_logprobs"] = [s.logprob for s in score_requests(model, reqs, job.batch_size, device)]
     reqs = [Request(tuple(ids), tuple(score)) for ids, score in shared.pref_requests]
     out["pref_logprobs"] = [s.logprob for s in score_requests(model, reqs, job.batch_size, device)]
+    # chat-formatted for every model: the pretrain model's loss here is sft's starting point
+    reqs = [Request(tuple(ids), tuple(score)) for ids, score in shared.answer_requests]
+    scores = score_requests(model, reqs, job.batch_size, device)
+    out["answer_scores"] = [(s.logprob, s.tokens) for s in scores]
     prompts = shared.prompts_chat if job.chat else shared.prompts_raw
     out["generations"] = generate_all(model, prompts, job.max_new_tokens, shared.stops, job.batch_size)
     out["seconds"] = time.perf_counter() - t0

@@ -43,6 +43,20 @@ def test_evaluate_needs_a_model_and_preference_true_needs_dpo():
     with pytest.raises(ConfigError, match=r"stages\.evaluate\.preference"):
         check(EvaluateConfig(preference=True), {"data": ["tokenize"], "models": ["pretrain"]})
     check(EvaluateConfig(preference="auto"), {"data": ["tokenize"], "models": ["pretrain"]})
+    with pytest.raises(ConfigError, match=r"stages\.evaluate\.answer_loss: true needs an sft stage"):
+        check(EvaluateConfig(answer_loss=True), {"data": ["tokenize"], "models": ["pretrain"]})
+
+
+def test_answer_loss_reads_the_sft_val_split_and_can_be_the_registry_metric():
+    cfg = _config(sft={"data": "chat.jsonl"}, evaluate={"registry": {"metric": "answer_loss"}})
+    nodes = {n.name: n for n in order(cfg)}
+    assert nodes["evaluate"].bound["answers"] == ("sft",)
+    with pytest.raises(ConfigError, match=r"registry\.metric: 'answer_loss' is not computed"):
+        _config(evaluate={"registry": {"metric": "answer_loss"}})  # no sft stage
+    # an existing pipeline's evaluate keeps its fingerprint: the new keys at their defaults are left out
+    from pipeline.fingerprint import result_fields
+
+    assert "answer_loss" not in result_fields(EvaluateConfig())
 
 
 def test_accuracies_carry_their_chance_level_and_sample_size():

@@ -24,6 +24,7 @@ from eval_helpers import (
     write_corpus,
     write_dpo_pairs,
     write_mc_task,
+    write_sft_val,
 )
 
 from pipeline.stage import handle
@@ -84,6 +85,7 @@ def setup(tmp_path_factory, ray_session):
         export_stage(root, stage, model, tok_dir / "tokenizer")
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer" / "tokenizer.json"))
     write_dpo_pairs(root / "dpo", tok, PAIRS)
+    write_sft_val(root / "sft", tok.to_str(), PAIRS, max_len=140)  # 2 examples per row
     mc = write_mc_task(
         root / "mc.jsonl",
         mc_examples(6),
@@ -106,6 +108,8 @@ def setup(tmp_path_factory, ray_session):
                "inputs": {"model": ("sft",)} if "sft" in models else {}}
         upstream["pairs"] = [handle("dpo", str(root / "dpo"), "preference_pairs", **dpo)]
         upstream["reference"] = [handle("dpo", str(root / "dpo"), "reference_logps", **dpo)]
+    if "sft" in models:
+        upstream["answers"] = [handle("sft", str(root / "sft"), "instruction_val", fingerprint="sftfp")]
     config = EvaluateConfig(
         perplexity={"enabled": True, "batches": 0},
         tasks=[
@@ -161,6 +165,7 @@ def test_results_cover_every_model_and_metric(setup):
             "mc3/acc",
             "mc3/acc_norm",
             "pref_logp_accuracy",
+            "answer_loss",
         ):
             assert key in m and math.isfinite(m[key]), (stage, key)
     assert set(results["models"]["dpo"]) >= {"pref_accuracy", "pref_margin"}
@@ -179,6 +184,7 @@ def test_results_cover_every_model_and_metric(setup):
     md = (setup["out"] / "results.md").read_text()
     assert "| metric | pretrain | sft | dpo |" in md and "tiny-lm@candidate" in md
     assert "| mc/acc_norm ↑ (chance 0.25, n 6) |" in md and "| loss ↓ |" in md
+    assert "| answer_loss ↓ |" in md and results["counts"]["answer_examples"] == len(PAIRS)
 
 
 def test_perplexity_and_bits_per_byte_equal_a_direct_computation(setup):
@@ -260,6 +266,28 @@ def test_preference_metrics_match_a_direct_computation(setup):
     assert got["dpo"]["pref_margin"] == pytest.approx(float(np.mean(reward[:, 0] - reward[:, 1])), rel=1e-5)
     sft = logps["sft"].reshape(-1, 2)
     assert got["sft"]["pref_logp_accuracy"] == pytest.approx(float(np.mean(sft[:, 0] > sft[:, 1])))
+
+
+def test_answer_loss_is_the_sft_val_answers_loss_computed_with_transformers(setup):
+    """Every model's held-out answer loss: the sft split's examples unpacked from their rows, each scored
+    alone, mean over the assistant tokens sft trains on."""
+    from stages.sft.data import SFTDataset
+
+    val = SFTDataset(str(setup["root"] / "sft" / "data" / "val.arrow"), 140, 0, "val")
+    examples = []
+    for r in range(len(val)):
+        tokens, mask, lengths = val.row(r)
+        for a, n in zip(np.cumsum([0, *lengths[:-1]]), lengths, strict=True):
+            examples.append((tokens[a:a + n].tolist(), mask[a:a + n]))
+    assert len(val) < len(examples) == len(PAIRS)  # packed: several examples per row
+    for stage in ("pretrain", "sft", "dpo"):
+        hf = _hf(setup["root"] / stage / "model")
+        nll = tokens = 0.0
+        for ids, mask in examples:
+            nll -= float((_logprobs(hf, ids) * torch.tensor(mask[1:])).sum())
+            tokens += int(mask[1:].sum())
+        got = setup["results"]["models"][stage]["answer_loss"]
+        assert got == pytest.approx(nll / tokens, rel=1e-5), stage
 
 
 def test_generations_are_greedy_and_saved(setup):
