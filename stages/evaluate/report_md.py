@@ -12,9 +12,12 @@ def lower_is_better(metric: str) -> bool:
     return metric in LOWER_IS_BETTER
 
 
-def baselines(tasks: list[tuple[str, list[Any]]], pairs: int) -> dict[str, dict[str, float]]:
+def baselines(
+    tasks: list[tuple[str, list[Any]]], pairs: int, answers: int = 0
+) -> dict[str, dict[str, float]]:
     """Chance level and sample size of every accuracy: a task's ``acc``/``acc_norm`` (mean of 1 / choices
-    over its scored examples) and the preference accuracies (a coin flip over ``pairs``)."""
+    over its scored examples) and the preference accuracies (a coin flip over ``pairs``); the sample size
+    of the answer loss (held-out sft examples)."""
     out: dict[str, dict[str, float]] = {}
     for name, examples in tasks:
         chance = sum(1 / len(ex.choices) for ex in examples) / len(examples)
@@ -23,6 +26,8 @@ def baselines(tasks: list[tuple[str, list[Any]]], pairs: int) -> dict[str, dict[
     if pairs:
         for m in ("pref_accuracy", "pref_logp_accuracy"):
             out[m] = {"chance": 0.5, "n": pairs}
+    if answers:
+        out["answer_loss"] = {"n": answers}
     return out
 
 
@@ -30,7 +35,9 @@ def metric_label(metric: str, base: dict[str, dict[str, float]] | None = None) -
     """``metric ↑`` (or ↓), with ``(chance C, n N)`` after an accuracy."""
     label = f"{metric} {'↓' if lower_is_better(metric) else '↑'}"
     b = (base or {}).get(metric)
-    return f"{label} (chance {b['chance']:.2f}, n {b['n']})" if b else label
+    if b and "chance" in b:
+        return f"{label} (chance {b['chance']:.2f}, n {b['n']})"
+    return f"{label} (n {b['n']})" if b else label
 
 
 def _fmt(v: float | None) -> str:

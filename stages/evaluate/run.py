@@ -378,7 +378,7 @@ def run(config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
             "perplexity": raw[stages[0]]["counts"].get("perplexity"),
         },
         "baselines": baselines([(t.name, ex[: t.limit] if t.limit else ex) for t, ex in inputs.tasks],
-                               inputs.pairs),
+                               inputs.pairs, inputs.answers),
         "rejects": inputs.rejects,
         "decontamination": decontamination(ctx),  # ran upstream? against which evaluation sets?
     }

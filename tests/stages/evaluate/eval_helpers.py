@@ -158,14 +158,17 @@ def write_dpo_pairs(dpo_dir: Path, tok, pairs: list[tuple[str, str, str]]) -> Pa
     return dpo_dir / "pairs" / "val.arrow"
 
 
-def write_sft_val(sft_dir: Path, tokenizer_json: str, pairs: list[tuple[str, str, str]], max_len: int) -> Path:
+def write_sft_val(sft_dir: Path, tokenizer_json: str, pairs: list[tuple[str, str, str]],
+                  max_len: int) -> Path:
     """The sft stage's held-out split (``data/val.arrow``), written by the sft stage's own data step: each
     prompt with its chosen answer, packed."""
     from stages.sft.prepare import DataSpec, prepare
 
     records = sft_dir.parent / "sft-records.jsonl"
-    records.write_text("".join(json.dumps({"prompt": p, "completion": " " + c}) + "\n" for p, c, _ in pairs))
-    prepare(DataSpec(str(records), str(records), 0.0, max_len, True, "truncate"), tokenizer_json, str(sft_dir))
+    lines = [json.dumps({"prompt": p, "completion": " " + c}) + "\n" for p, c, _ in pairs]
+    records.write_text("".join(lines))
+    spec = DataSpec(str(records), str(records), 0.0, max_len, True, "truncate")
+    prepare(spec, tokenizer_json, str(sft_dir))
     return sft_dir / "data" / "val.arrow"
 
 

@@ -184,7 +184,7 @@ def test_results_cover_every_model_and_metric(setup):
     md = (setup["out"] / "results.md").read_text()
     assert "| metric | pretrain | sft | dpo |" in md and "tiny-lm@candidate" in md
     assert "| mc/acc_norm ↑ (chance 0.25, n 6) |" in md and "| loss ↓ |" in md
-    assert "| answer_loss ↓ |" in md and results["counts"]["answer_examples"] == len(PAIRS)
+    assert f"| answer_loss ↓ (n {len(PAIRS)}) |" in md and results["counts"]["answer_examples"] == len(PAIRS)
 
 
 def test_perplexity_and_bits_per_byte_equal_a_direct_computation(setup):
