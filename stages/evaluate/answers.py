@@ -1,7 +1,7 @@
 """Held-out instruction answer loss on the sft stage's validation split, for every model.
 
 The examples are the sft stage's own held-out split, already tokenized in ChatML with the assistant-only
-mask (its ``instruction_val`` output: ``data/val.arrow``, rows of packed examples). Each example is scored
+mask (its ``instruction_val`` output: rows of packed examples). Each example is scored
 on its own (positions from 0, nothing attended across examples: what sft's packed validation computes with
 its document mask). A token counts iff the sft stage trains on it: assistant content and the closing
 ``<|im_end|>``.
