@@ -7,6 +7,9 @@ read once by the driver (``from_env``) and passed to the workers in the loop con
   replaces the worker group);
 - ``SEEDLINE_TRAIN_FREEZE_WORKER_AT_STEP=N``: rank 1 stops itself (SIGSTOP) once after step N (a hung
   worker: only the stall watchdog notices);
+- ``SEEDLINE_TRAIN_HOLD_AT_STEP=N``: every rank pauses for ``HOLD_S`` seconds once checkpoint ``step-N``
+  is saved (a test then kills a node or the driver at a known point: the run cannot race past it, and a
+  restarted group resumes from ``step-N``, after which nothing saves ``step-N`` again);
 - ``SEEDLINE_TRAIN_TRACE_DIR=DIR``: not a fault but a probe: every rank appends the sample indices of each
   training micro-batch to ``DIR/world-<w>-rank-<r>-pid-<pid>.jsonl`` (``{"step", "rows"}``; one file per
   worker process), so a test can check that a resume (at any worker count) skips no sample and repeats none.
@@ -28,8 +31,11 @@ from pipeline import storage
 KILL_ENV = "SEEDLINE_TRAIN_KILL_AT_STEP"
 FAIL_WORKER_ENV = "SEEDLINE_TRAIN_FAIL_WORKER_AT_STEP"
 FREEZE_WORKER_ENV = "SEEDLINE_TRAIN_FREEZE_WORKER_AT_STEP"
+HOLD_ENV = "SEEDLINE_TRAIN_HOLD_AT_STEP"
+HOLD_S = 120.0
 TRACE_ENV = "SEEDLINE_TRAIN_TRACE_DIR"
-_ENV = {"kill_at": KILL_ENV, "fail_worker_at": FAIL_WORKER_ENV, "freeze_worker_at": FREEZE_WORKER_ENV}
+_ENV = {"kill_at": KILL_ENV, "fail_worker_at": FAIL_WORKER_ENV, "freeze_worker_at": FREEZE_WORKER_ENV,
+        "hold_at": HOLD_ENV}
 
 
 def from_env() -> dict[str, Any]:
@@ -78,9 +84,12 @@ def after_step(hooks: dict[str, Any], rank: int, world: int, step: int, out_url:
 
 
 def after_save(hooks: dict[str, Any], step: int) -> None:
-    """Worker side, after checkpoint ``step`` is saved: wait for the driver's hard exit (``kill_at``)."""
+    """Worker side, after checkpoint ``step`` is saved: wait for the driver's hard exit (``kill_at``), or
+    hold still while a test kills something (``hold_at``)."""
     if hooks.get("kill_at") == step:
         time.sleep(3600)
+    if hooks.get("hold_at") == step:
+        time.sleep(HOLD_S)
 
 
 def _first_time(out_url: str, name: str) -> bool:
