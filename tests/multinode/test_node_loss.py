@@ -6,7 +6,9 @@ exactly the rows of the uninterrupted run; a driver killed mid-stage is resumed 
 ``seedline resume s3://... --address``.
 
 The trainer's trace probe (``SEEDLINE_TRAIN_TRACE_DIR``, ``stages/lm/faults.py``) records every
-micro-batch's rows; the nodes share this machine's disk, so the test reads them directly."""
+micro-batch's rows; the nodes share this machine's disk, so the test reads them directly. Each failure
+strikes while the workers hold still after the first checkpoint (``SEEDLINE_TRAIN_HOLD_AT_STEP``): eight
+tiny steps take a second, so without the hold a fast run could finish before the kill lands."""
 
 from __future__ import annotations
 
@@ -24,19 +26,22 @@ from multinode_helpers import api, job_id, seedline, wait_until
 from pipeline import storage
 from pipeline.state import recorded_stage_dirs
 
-DROPPED = ("sft", "dpo", "evaluate")
+# Only what pretrain needs: tokenize reads the corpus itself (dedupe, ~17 s a run on this cluster, is
+# covered by the demo tests).
+DROPPED = ("dedupe", "sft", "dpo", "evaluate")
+HOLD = {"SEEDLINE_TRAIN_HOLD_AT_STEP": "2"}  # the first checkpoint (checkpoint.every: 2)
 LONGER = ["stages.pretrain.train={steps: 8, micro_batch: 2, lr: 3.0e-3, min_lr: 3.0e-4, warmup: 1}"]
 
 
 def _overrides(demo_data, workdir: str, tracking: str, *extra: str) -> list[str]:
     kept = [o for o in small_overrides(demo_data, workdir, tracking)
             if not o.startswith(tuple(f"stages.{s}." for s in DROPPED))]
-    return kept + LONGER + list(extra)
+    return kept + [f"stages.tokenize.input={demo_data}/corpus/*.jsonl.gz"] + LONGER + list(extra)
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> str:
-    """configs/tiny.yaml up to pretrain (dedupe, tokenize, pretrain)."""
+    """configs/tiny.yaml's tokenize and pretrain."""
     data = yaml.safe_load(CONFIG.read_text())
     for stage in DROPPED:
         del data["stages"][stage]
@@ -56,8 +61,11 @@ def _complete_steps(run_dir: str) -> list[int]:
     d = _stage_dir(run_dir, "pretrain")
     if d is None:
         return []
-    return sorted(int(p.split("/step-")[1].split("/")[0])
-                  for p in storage.glob(f"{d}/checkpoints/step-*/complete.json"))
+    try:
+        found = storage.glob(f"{d}/checkpoints/step-*/complete.json")
+    except FileNotFoundError:  # keep-last-k removed a checkpoint while the glob listed it: poll again
+        return []
+    return sorted(int(p.split("/step-")[1].split("/")[0]) for p in found)
 
 
 def _losses(run_dir: str) -> dict[int, float]:
@@ -121,11 +129,12 @@ def _lose_a_node(cluster3, demo_data, config, name: str, scaling: str, trace: Pa
     sub = seedline(cluster3, "submit", config,
                    *as_args(_overrides(demo_data, f"s3://seedline/{name}", cluster3.mlflow_uri,
                                        f"stages.pretrain.scaling={scaling}")),
-                   SEEDLINE_TRAIN_TRACE_DIR=str(trace))
+                   SEEDLINE_TRAIN_TRACE_DIR=str(trace), **HOLD)
     assert sub.returncode == 0, sub.stderr
     job = job_id(sub.stdout)
     resumed_from = wait_until(lambda: _complete_steps(run_dir), 600, "a complete pretrain checkpoint on S3",
                               poll=0.3)[-1]
+    assert resumed_from == int(HOLD["SEEDLINE_TRAIN_HOLD_AT_STEP"])
     killed_at = time.monotonic()
     cluster3.kill_node(kill)
     if replacement:
@@ -183,7 +192,7 @@ def test_driver_killed_mid_stage_is_resumed_from_s3(cluster3, demo_data, config,
     run_dir = "s3://seedline/driverkill/tiny"
     sub = seedline(cluster3, "submit", config,
                    *as_args(_overrides(demo_data, "s3://seedline/driverkill", cluster3.mlflow_uri)),
-                   SEEDLINE_LEASE_TTL="3")
+                   SEEDLINE_LEASE_TTL="3", **HOLD)
     assert sub.returncode == 0, sub.stderr
     job = job_id(sub.stdout)
     wait_until(lambda: _complete_steps(run_dir), 600, "a complete pretrain checkpoint on S3", poll=0.3)
@@ -195,6 +204,7 @@ def test_driver_killed_mid_stage_is_resumed_from_s3(cluster3, demo_data, config,
         if "seedline" in " ".join(proc.cmdline()):
             os.kill(proc.pid, signal.SIGKILL)
     wait_until(lambda: _status(cluster3, job) in ("FAILED", "STOPPED", "SUCCEEDED"), 120, "the job to end")
+    assert _status(cluster3, job) != "SUCCEEDED"  # it was killed mid-stage, not after
     resumed = seedline(cluster3, "resume", run_dir, "--address", cluster3.dashboard, SEEDLINE_LEASE_TTL="3")
     assert resumed.returncode == 0, resumed.stderr
     again = job_id(resumed.stdout)
