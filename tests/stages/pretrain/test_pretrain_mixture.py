@@ -111,7 +111,7 @@ out, sources, cfg = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]
 data = [handle("tokenize", d, "shards", instance=name) for name, d in sources.items()]
 ctx = StageContext(name="pretrain", out_dir=out, run_dir=str(Path(out).parent), fingerprint="test",
                    inputs={"data": data}, tracker=NullTracker(), progress=Progress(None),
-                   logger=logging.getLogger("test"))
+                   logger=logging.getLogger("test"), ray_address=sys.argv[4])
 run(PretrainConfig(**cfg), ctx)
 print("NOT KILLED")
 """
@@ -124,7 +124,13 @@ def test_a_killed_mixture_run_resumes_to_the_same_bytes(straight, tmp_path):
     config = _config(root, {"docs": 0.7, "code": 0.3})["stages"]["pretrain"]
     out = tmp_path / "pretrain"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-    args = [sys.executable, "-c", KILLED, str(out), json.dumps(sources), json.dumps(config)]
+    import ray
+
+    from pipeline.ray_init import init_ray
+
+    init_ray(None)  # the Ray the pipeline runs above started in this process (a no-op then)
+    address = ray.get_runtime_context().gcs_address  # both drivers attach to it, as a cluster's do
+    args = [sys.executable, "-c", KILLED, str(out), json.dumps(sources), json.dumps(config), address]
     proc = subprocess.run(args, env={**env, "SEEDLINE_TRAIN_KILL_AT_STEP": "2"}, cwd=REPO,
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 137, proc.stdout[-2000:] + proc.stderr[-4000:]
