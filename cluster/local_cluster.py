@@ -36,6 +36,9 @@ from cluster.errors import ClusterError
 STATE_FILE = "cluster.json"
 TRAINER = "trainer"  # the custom resource of worker nodes (not the head)
 ATTEMPTS = int(os.environ.get("SEEDLINE_NODE_START_ATTEMPTS", "6"))
+# A throwaway cluster: its nodes get a moment to exit cleanly, then the rest is killed (with 10 s the test
+# cluster's teardown took 16 s).
+STOP_GRACE_S = 3.0
 BUCKET = "seedline"
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
@@ -198,7 +201,7 @@ class LocalCluster:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + STOP_GRACE_S
         while time.monotonic() < deadline and any(_alive(p) for p in pids):
             time.sleep(0.2)
         for pid in pids:
